@@ -1,0 +1,46 @@
+# The two commands a user needs: `make demo` and `make test`. Everything else is optional.
+PY      := .venv/bin/python
+VENV_OK := .venv/.installed
+NODE_OK := node_modules/.installed
+
+.PHONY: help demo test lint typecheck unit bench bench-core sandbox dev clean
+
+help:
+	@echo "make demo        the whole sync, both ways, on the built-in sandbox"
+	@echo "make test        lint (ruff), types (mypy --strict) and every test"
+	@echo "make bench-core  core path benchmark (parse + map + decide)"
+	@echo "make sandbox     start the F&O and Dataverse emulators"
+
+$(VENV_OK): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+$(NODE_OK): package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+lint: $(VENV_OK)
+	$(PY) -m ruff check .
+
+typecheck: $(VENV_OK)
+	$(PY) -m mypy
+
+unit: $(VENV_OK) $(NODE_OK)
+	$(PY) -m pytest -q
+
+test: lint typecheck unit
+
+bench-core: $(VENV_OK)
+	$(PY) bench/core_path.py
+
+sandbox: $(VENV_OK)
+	$(PY) -m loyaltysync sandbox
+
+demo: $(VENV_OK) $(NODE_OK)
+	$(PY) -m loyaltysync demo
+
+clean:
+	rm -rf .venv node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

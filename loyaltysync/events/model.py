@@ -1,0 +1,77 @@
+"""The one normalized change event every inbound wire format becomes.
+
+Like Debezium's envelope: nothing downstream of the parsers knows whether a
+change came as a Dataverse webhook, an F&O data event, a business event, an
+Event Grid array or a Service Bus message.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from loyaltysync.templates import Side
+
+Operation = Literal["create", "update", "delete"]
+WireFormat = Literal[
+    "dataverse-webhook",
+    "fo-data-event",
+    "fo-business-event",
+    "event-grid",
+    "service-bus",
+    "reconcile",
+    "replay",
+]
+
+
+def utc_now() -> str:
+    """Now, as the ISO-8601 UTC string used throughout events and state."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(slots=True)
+class ChangeEvent:
+    """A change on one side, normalized.
+
+    `key` is the natural key in canonical form (template key field -> value);
+    `fields` holds the canonical values the payload carried; `complete` says
+    whether they are the whole mapped record (otherwise the worker re-reads the
+    source). Dataverse lookups arrive as row ids: they sit in `lookup_ids`
+    until the worker resolves them to natural keys (I/O the parser must not do).
+    """
+
+    template: str
+    side: Side
+    operation: Operation
+    key: dict[str, str]
+    fields: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False
+    lookup_ids: dict[str, str | None] = field(default_factory=dict)
+    row_id: str | None = None
+    source_version: str | None = None
+    modified_on: str | None = None
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    correlation_id: str | None = None
+    initiating_user: str | None = None
+    received_at: str = field(default_factory=utc_now)
+    wire_format: WireFormat = "dataverse-webhook"
+
+    def to_json(self) -> str:
+        """Serialize for the queue (plain JSON; the queue layer adds base64)."""
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ChangeEvent:
+        """Inverse of `to_json`; raises ValueError/TypeError on a foreign message."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("change event must be a JSON object")
+        return cls(**data)
+
+    @property
+    def key_text(self) -> str:
+        """The natural key as one readable string, e.g. `C-1001` or `usrt|C-1001`."""
+        return "|".join(self.key.values())
