@@ -1,0 +1,5 @@
+"""`python -m loyaltysync`."""
+
+from loyaltysync.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""`python -m loyaltysync` / `loyaltysync`: the operator's command line.
+
+Each command is a small function; heavy imports (sandbox, dev host, clients)
+happen inside the command that needs them, so `mappings validate` stays fast
+and works without the dev-only packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from loyaltysync.errors import ConfigError, EventError, LoyaltySyncError, TemplateError
+from loyaltysync.templates import Template, default_mappings_dir, json_schema, load_templates, table_rows
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _templates(args: argparse.Namespace) -> dict[str, Template]:
+    return load_templates(Path(args.mappings) if args.mappings else default_mappings_dir())
+
+
+def cmd_mappings_validate(args: argparse.Namespace) -> int:
+    """Load every template; print one line per template or the first problem."""
+    templates = _templates(args)
+    for template in templates.values():
+        print(
+            f"ok  {template.name}: {len(template.all_fields)} fields, F&O {template.fo.entity_set} "
+            f"<-> Dataverse {template.dataverse.entity_set}"
+        )
+    return 0
+
+
+def cmd_mappings_show(args: argparse.Namespace) -> int:
+    """Print the effective field table of every template (or JSON with --json)."""
+    templates = _templates(args)
+    if args.json:
+        out = {
+            name: {
+                "fo": t.fo.model_dump(exclude_none=True),
+                "dataverse": t.dataverse.model_dump(exclude_none=True),
+                "conflict_policy": t.conflict_policy,
+                "deletes": t.deletes,
+                "fields": [
+                    {k: v for k, v in row.items() if k != "template" and v is not None} for row in table_rows([t])
+                ],
+            }
+            for name, t in templates.items()
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    for t in templates.values():
+        print(
+            f"\n{t.name}  (F&O {t.fo.entity_set} <-> Dataverse {t.dataverse.entity_set}; "
+            f"conflicts: {t.conflict_policy}; deletes: {t.deletes})"
+        )
+        rows = table_rows([t])
+        width_fo = max(len(str(r["fo"] or "")) for r in rows)
+        width_dv = max(len(str(r["dataverse"] or "")) for r in rows)
+        for r in rows:
+            values = r["value_map"] or {}
+            extra = ", ".join(f"{k} <-> {json.dumps(v)}" for k, v in values.items())
+            if r["default"] is not None:
+                extra = f"default {json.dumps(r['default'])}" + (f"; {extra}" if extra else "")
+            if r["lookup"]:
+                extra = f"lookup {r['lookup']['entity_set']} by {r['lookup']['key_column']}"
+            key = " key" if r["key"] else ""
+            print(
+                f"  {r['fo'] or '-'!s:<{width_fo}}  {r['map']:<2}  {r['dataverse'] or '-'!s:<{width_dv}}"
+                f"  {r['type']}{key}{'  ' + extra if extra else ''}"
+            )
+    return 0
+
+
+def cmd_mappings_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of template files (mappings/template.schema.json)."""
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_inspect_event(args: argparse.Namespace) -> int:
+    """Parse a payload file as the inbound functions would and print the normalized event(s)."""
+    from loyaltysync.events import Handshake, parse_inbound
+
+    templates = _templates(args)
+    body = Path(args.file).read_bytes()
+    template = templates.get(args.template) if args.template else None
+    if args.template and template is None:
+        raise EventError(f"no template named {args.template!r}", 422)
+    sides = [args.side] if args.side else ["dataverse", "fo"]
+    errors: list[str] = []
+    for side in sides:
+        try:
+            result = parse_inbound(side, body, {}, templates=templates, template=template)
+        except EventError as exc:
+            errors.append(f"as {side}: {exc.reason}")
+            continue
+        if isinstance(result, Handshake):
+            print(json.dumps({"handshake": result.response}, indent=2))
+        else:
+            print(json.dumps([json.loads(e.to_json()) for e in result.events], indent=2))
+        return 0
+    raise EventError("; ".join(errors))
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Run both emulators until interrupted."""
+    from loyaltysync.sandbox.run import run_sandbox
+
+    try:
+        asyncio.run(
+            run_sandbox(
+                fo_port=args.fo_port,
+                dataverse_port=args.dataverse_port,
+                seed=args.seed,
+                templates_dir=Path(args.mappings) if args.mappings else None,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and for `--help` in the README)."""
+    parser = argparse.ArgumentParser(prog="loyaltysync", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--mappings", help="mappings directory (default: mappings/ beside the package)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mappings = sub.add_parser("mappings", help="validate and show the entity templates")
+    msub = mappings.add_subparsers(dest="mappings_command", required=True)
+    msub.add_parser("validate", help="load every template; exit 1 naming file, field and problem").set_defaults(
+        func=cmd_mappings_validate
+    )
+    show = msub.add_parser("show", help="the effective field table of every template")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=cmd_mappings_show)
+    msub.add_parser("schema", help="print the JSON Schema of template files").set_defaults(func=cmd_mappings_schema)
+
+    inspect = sub.add_parser("inspect-event", help="print the normalized change event of a payload file")
+    inspect.add_argument("file")
+    inspect.add_argument("--side", choices=["fo", "dataverse"], help="which side sent it (default: try both)")
+    inspect.add_argument("--template", help="the template the payload was posted to (default: detect)")
+    inspect.set_defaults(func=cmd_inspect_event)
+
+    sandbox = sub.add_parser("sandbox", help="run the F&O and Dataverse emulators")
+    sandbox.add_argument("--fo-port", type=int, default=7081)
+    sandbox.add_argument("--dataverse-port", type=int, default=7082)
+    sandbox.add_argument("--seed", type=int, default=None, help="random seed for reproducible faults")
+    sandbox.set_defaults(func=cmd_sandbox)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one command; known errors print their reason and exit non-zero."""
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    try:
+        return func(args)
+    except EventError as exc:
+        print(f"error: cannot read the payload: {exc.reason}", file=sys.stderr)
+        return 2
+    except (TemplateError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except LoyaltySyncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

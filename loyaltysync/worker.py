@@ -1,0 +1,134 @@
+"""Queue-triggered work: apply one change, park what cannot be applied, drain poison queues.
+
+The retry rule: a transient failure (throttling, outage, a lost state race)
+raises, so the queue redelivers the message after the visibility timeout; on
+the last allowed attempt the reason is parked first, then the host moves the
+message to `<queue>-poison`, which `drain_poison` turns into the same dead
+letter. A permanent failure (a mapping error, a 4xx from a target) is parked at
+once and the message completes, so one bad record never blocks the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loyaltysync.errors import MappingError, TargetError
+from loyaltysync.events.model import ChangeEvent
+from loyaltysync.runtime import SUCCESS_SCOPE, Runtime
+from loyaltysync.state import dead_letter_id
+from loyaltysync.sync import Outcome
+
+log = logging.getLogger("loyaltysync.worker")
+
+PAUSED_RECHECK_S = 30
+DEFAULT_MAX_DEQUEUE = 5
+
+
+def max_dequeue_count(host_json: Path = Path("host.json")) -> int:
+    """host.json's queues.maxDequeueCount (or its app-setting override), as the host applies it."""
+    override = os.environ.get("AzureFunctionsJobHost__extensions__queues__maxDequeueCount")
+    if override and override.isdigit():
+        return int(override)
+    try:
+        config = json.loads(host_json.read_text(encoding="utf-8"))
+        return int(config.get("extensions", {}).get("queues", {}).get("maxDequeueCount", DEFAULT_MAX_DEQUEUE))
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_MAX_DEQUEUE
+
+
+async def handle_change(runtime: Runtime, body: str, *, dequeue_count: int = 1, max_dequeue: int = 5) -> Outcome | None:
+    """Process one queue message (ChangeEvent JSON). Returns the outcome, or None when parked/held."""
+    try:
+        event = ChangeEvent.from_json(body)
+    except (ValueError, TypeError) as exc:
+        await runtime.dead_letters.park(
+            "(unknown)", "fo", "(unreadable)", f"unreadable queue message: {exc}", "UnreadableMessage", body, ""
+        )
+        return None
+    if await runtime.paused(event.template):
+        # Held, not applied: put it back for later. Requeued messages never expire.
+        await runtime.enqueue(event.template, body, delay_s=PAUSED_RECHECK_S)
+        log.info("template %s is paused; event %s held", event.template, event.event_id)
+        return None
+    try:
+        outcome = await runtime.engine.process(event, live=event.wire_format not in ("reconcile",))
+    except MappingError as exc:
+        await _park(runtime, event, str(exc), "MappingError")
+        return None
+    except TargetError as exc:
+        if not exc.transient:
+            await _park(runtime, event, str(exc), exc.code or str(exc.status))
+            return None
+        if dequeue_count >= max_dequeue:
+            await _park(runtime, event, f"gave up after {dequeue_count} attempts: {exc}", exc.code or str(exc.status))
+        raise
+    await _succeeded(runtime, event, outcome)
+    return outcome
+
+
+async def _park(runtime: Runtime, event: ChangeEvent, reason: str, code: str) -> None:
+    log.warning("parked %s %s %s: %s", event.template, event.side, event.key_text, reason)
+    await runtime.dead_letters.park(
+        event.template, event.side, event.key_text or event.row_id or "?", reason, code, event.to_json(), event.event_id
+    )
+
+
+async def _succeeded(runtime: Runtime, event: ChangeEvent, outcome: Outcome) -> None:
+    # A record that syncs again is no longer a dead letter on either side.
+    for side in ("fo", "dataverse"):
+        if outcome.key:
+            await runtime.dead_letters.remove(dead_letter_id(event.template, side, outcome.key))
+    direction = f"{event.template}:{event.side}"
+    await runtime.control.set(
+        SUCCESS_SCOPE,
+        direction,
+        {"at": datetime.now(UTC).isoformat(), "key": outcome.key, "reason": outcome.reason, "event_id": event.event_id},
+    )
+    log.info(
+        "%s %s %s -> %s writes=%s %.0f ms",
+        event.template,
+        event.side,
+        outcome.key,
+        outcome.reason,
+        outcome.writes,
+        outcome.duration_ms,
+    )
+
+
+async def drain_poison(runtime: Runtime, body: str) -> None:
+    """A message the queue gave up on becomes a dead letter (keeping an earlier, more precise reason)."""
+    try:
+        event = ChangeEvent.from_json(body)
+    except (ValueError, TypeError) as exc:
+        await runtime.dead_letters.park(
+            "(unknown)", "fo", "(unreadable)", f"unreadable poison message: {exc}", "UnreadableMessage", body, ""
+        )
+        return
+    key = event.key_text or event.row_id or "?"
+    existing = await runtime.dead_letters.get(dead_letter_id(event.template, event.side, key))
+    reason = existing.reason if existing else "the queue gave up after the maximum number of attempts"
+    await runtime.dead_letters.park(event.template, event.side, key, reason, "Poison", body, event.event_id)
+
+
+async def replay(runtime: Runtime, *, template: str | None = None, key: str | None = None) -> int:
+    """Re-queue dead letters (all, one template's, or one key's) and remove them. Returns how many."""
+    count = 0
+    for entry in await runtime.dead_letters.list(template):
+        if key is not None and entry.key != key:
+            continue
+        if entry.template not in runtime.templates:
+            continue
+        try:
+            event = ChangeEvent.from_json(entry.payload)
+        except (ValueError, TypeError):
+            continue
+        # Replays re-read both sides: the parked payload may be older than what they hold now.
+        event.complete, event.source_version, event.wire_format = False, None, "replay"
+        await runtime.enqueue(entry.template, event.to_json())
+        await runtime.dead_letters.remove(entry.id)
+        count += 1
+    return count
