@@ -129,8 +129,10 @@ class FieldMap(_Strict):
 
     @property
     def navigation_property(self) -> str:
-        assert self.lookup is not None and self.dataverse is not None
-        return self.lookup.navigation_property or self.dataverse
+        """Navigation property used in `@odata.bind` for a lookup field."""
+        if self.lookup is not None and self.lookup.navigation_property:
+            return self.lookup.navigation_property
+        return self.dataverse or ""
 
 
 class FoEntity(_Strict):
@@ -197,8 +199,8 @@ class Template(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"field names repeat: {', '.join(dupes)}")
-        for column_side in ("fo", "dataverse"):
-            columns = [c for c in (f.read_from(column_side) for f in self.fields) if c]  # type: ignore[arg-type]
+        for column_side in SIDES:
+            columns = [c for c in (f.read_from(column_side) for f in self.fields) if c]
             repeats = sorted({c for c in columns if columns.count(c) > 1})
             if repeats:
                 raise ValueError(f"{column_side} columns mapped twice: {', '.join(repeats)}")
@@ -295,8 +297,10 @@ def _describe_location(data: Any, loc: tuple[int | str, ...]) -> str:
             parts.append(label)
         else:
             parts.append(("." if parts else "") + str(item))
-        node = node.get(item) if isinstance(node, dict) and isinstance(item, str) else (
-            node[item] if isinstance(node, list) and isinstance(item, int) and item < len(node) else None
+        node = (
+            node.get(item)
+            if isinstance(node, dict) and isinstance(item, str)
+            else (node[item] if isinstance(node, list) and isinstance(item, int) and item < len(node) else None)
         )
     return "".join(parts) or "(template)"
 
@@ -359,9 +363,7 @@ def table_rows(templates: Iterable[Template]) -> list[dict[str, Any]]:
                     "field": f.key,
                     "fo": f.fo,
                     "map": f.map,
-                    "dataverse": (
-                        f"{f.dataverse}.{f.lookup.key_column}" if f.lookup and f.dataverse else f.dataverse
-                    ),
+                    "dataverse": (f"{f.dataverse}.{f.lookup.key_column}" if f.lookup and f.dataverse else f.dataverse),
                     "type": f.type,
                     "key": f in template.key_fields,
                     "value_map": f.value_map,
