@@ -1,0 +1,29 @@
+"""Session fixtures shared by every test: one Azurite for the whole run, unique names per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from loyaltysync.azurite import Azurite
+
+
+@pytest.fixture(scope="session")
+async def azurite() -> AsyncIterator[Azurite]:
+    """One in-memory Azurite on free loopback ports, started once per test session."""
+    async with Azurite() as instance:
+        yield instance
+
+
+@pytest.fixture
+def storage_connection_string(azurite: Azurite) -> str:
+    """Connection string of the session's Azurite (tables, queues, blobs)."""
+    return azurite.connection_string
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """A per-test suffix that is a valid table and queue name by itself: a letter and 12 hex digits."""
+    return "u" + uuid.uuid4().hex[:12]
