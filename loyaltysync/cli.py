@@ -11,8 +11,9 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from loyaltysync.errors import ConfigError, EventError, LoyaltySyncError, TemplateError
 from loyaltysync.templates import Template, default_mappings_dir, json_schema, load_templates, table_rows
@@ -125,6 +126,115 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole sync, both ways, on the built-in sandbox."""
+    from loyaltysync.demo import run_demo
+
+    return asyncio.run(run_demo())
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Host function_app.py like `func start` (HTTP, queue and timer triggers)."""
+    from loyaltysync.devhost import serve
+    from loyaltysync.settings import load_local_settings
+
+    load_local_settings()
+    try:
+        asyncio.run(serve("function_app", port=args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _with_runtime(action: Callable[[Any], Awaitable[Any]]) -> Any:
+    from loyaltysync.runtime import close_runtime, get_runtime
+    from loyaltysync.settings import load_local_settings
+
+    load_local_settings()
+
+    async def run() -> Any:
+        try:
+            return await action(await get_runtime())
+        finally:
+            await close_runtime()
+
+    return asyncio.run(run())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Backlog, dead letters, last success and pause state per template."""
+    from loyaltysync.operations import status
+
+    print(json.dumps(_with_runtime(status), indent=2, default=str))
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    """Pause or resume applying a template's changes (events are kept while paused)."""
+    paused = args.command == "pause"
+
+    async def act(runtime: Any) -> None:
+        if args.template not in runtime.templates:
+            raise ConfigError("--template", f"no template named {args.template!r}")
+        await runtime.set_paused(args.template, paused, args.reason or "")
+
+    _with_runtime(act)
+    print(f"{args.template}: {'paused' if paused else 'resumed'}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-queue dead letters (all, one template's, or one key's)."""
+    from loyaltysync.worker import replay
+
+    count = _with_runtime(lambda runtime: replay(runtime, template=args.template, key=args.key))
+    print(f"replayed {count} dead letter(s)")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Compare both sides record by record; queue the corrections with --fix."""
+    from loyaltysync.reconcile import reconcile_full
+
+    async def act(runtime: Any) -> list[Any]:
+        names = list(runtime.templates) if args.all or not args.template else [args.template]
+        return [await reconcile_full(runtime, runtime.templates[n], fix=args.fix) for n in names]
+
+    reports = _with_runtime(act)
+    for report in reports:
+        print(report.summary())
+    if args.report:
+        Path(args.report).write_text(json.dumps([vars(r) for r in reports], indent=2, default=str), encoding="utf-8")
+    return 0
+
+
+def cmd_register_webhooks(args: argparse.Namespace) -> int:
+    """Create, update or remove the Dataverse webhook registrations of every template."""
+    from loyaltysync import webhooks
+
+    templates = _templates(args)
+
+    async def act(runtime: Any) -> list[str]:
+        if args.remove:
+            plan = await webhooks.plan_removal(runtime.dataverse, templates)
+        else:
+            if not args.function_url or not args.function_key:
+                raise ConfigError("--function-url/--function-key", "both are required to register webhooks")
+            plan = await webhooks.plan(
+                runtime.dataverse, templates, function_url=args.function_url, function_key=args.function_key
+            )
+        lines = plan.describe()
+        if not args.dry_run:
+            await webhooks.apply(runtime.dataverse, plan)
+        return list(lines)
+
+    lines = _with_runtime(act)
+    print("\n".join(lines) if lines else "nothing to change")
+    if args.dry_run:
+        print("(dry run: nothing was changed)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and for `--help` in the README)."""
     parser = argparse.ArgumentParser(prog="loyaltysync", description=__doc__.splitlines()[0] if __doc__ else None)
@@ -152,6 +262,35 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--dataverse-port", type=int, default=7082)
     sandbox.add_argument("--seed", type=int, default=None, help="random seed for reproducible faults")
     sandbox.set_defaults(func=cmd_sandbox)
+
+    sub.add_parser("demo", help="the whole sync, both ways, on the built-in sandbox").set_defaults(func=cmd_demo)
+    dev = sub.add_parser("dev", help="host function_app.py locally (HTTP, queue and timer triggers)")
+    dev.add_argument("--port", type=int, default=7071)
+    dev.set_defaults(func=cmd_dev)
+
+    sub.add_parser("status", help="backlog, dead letters, last success, paused").set_defaults(func=cmd_status)
+    for name in ("pause", "resume"):
+        p = sub.add_parser(name, help=f"{name} applying one template's changes")
+        p.add_argument("template")
+        p.add_argument("--reason", default="")
+        p.set_defaults(func=cmd_pause)
+    replay = sub.add_parser("replay", help="re-queue dead letters")
+    replay.add_argument("--template")
+    replay.add_argument("--key")
+    replay.set_defaults(func=cmd_replay)
+    rec = sub.add_parser("reconcile", help="compare both sides record by record")
+    rec.add_argument("--template")
+    rec.add_argument("--all", action="store_true")
+    rec.add_argument("--fix", action="store_true", help="queue the corrections")
+    rec.add_argument("--report", help="write the differences as JSON to this file")
+    rec.set_defaults(func=cmd_reconcile)
+
+    reg = sub.add_parser("register-webhooks", help="register the Dataverse webhooks of every template")
+    reg.add_argument("--function-url", help="function app base URL, e.g. https://myapp.azurewebsites.net")
+    reg.add_argument("--function-key", help="the function key Dataverse sends as ?code=")
+    reg.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    reg.add_argument("--remove", action="store_true", help="remove every registration")
+    reg.set_defaults(func=cmd_register_webhooks)
     return parser
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +27,15 @@ log = logging.getLogger("loyaltysync.worker")
 
 PAUSED_RECHECK_S = 30
 DEFAULT_MAX_DEQUEUE = 5
+
+Observer = Callable[[ChangeEvent, "Outcome | None", "str | None"], None]
+OBSERVERS: list[Observer] = []
+"""Called after every change with (event, outcome or None, parked reason or None): the demo's event feed."""
+
+
+def _notify(event: ChangeEvent, outcome: Outcome | None, parked: str | None) -> None:
+    for observer in OBSERVERS:
+        observer(event, outcome, parked)
 
 
 def max_dequeue_count(host_json: Path = Path("host.json")) -> int:
@@ -71,6 +81,7 @@ async def handle_change(runtime: Runtime, body: str, *, dequeue_count: int = 1, 
 
 
 async def _park(runtime: Runtime, event: ChangeEvent, reason: str, code: str) -> None:
+    _notify(event, None, reason)
     log.warning("parked %s %s %s: %s", event.template, event.side, event.key_text, reason)
     await runtime.dead_letters.park(
         event.template, event.side, event.key_text or event.row_id or "?", reason, code, event.to_json(), event.event_id
@@ -82,6 +93,7 @@ async def _succeeded(runtime: Runtime, event: ChangeEvent, outcome: Outcome) -> 
     for side in ("fo", "dataverse"):
         if outcome.key:
             await runtime.dead_letters.remove(dead_letter_id(event.template, side, outcome.key))
+    _notify(event, outcome, None)
     direction = f"{event.template}:{event.side}"
     await runtime.control.set(
         SUCCESS_SCOPE,

@@ -1,0 +1,181 @@
+"""The whole system on one machine: Azurite, both emulators, the dev host running function_app.
+
+Used by `make demo`, the end-to-end tests and the live-pipeline benchmark, so
+all three exercise the same wiring a user gets: real HTTP between the function
+app and the emulators, real Storage queues and tables, webhooks registered
+through the Dataverse Web API and F&O data events subscribed through the
+emulator's admin endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from loyaltysync.azurite import Azurite, free_port
+from loyaltysync.templates import Template, default_mappings_dir, load_templates
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    """One uvicorn server on a background task."""
+
+    name: str
+    app: Any
+    port: int
+    _server: uvicorn.Server | None = None
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve(), name=f"uvicorn-{self.name}")
+        for _ in range(200):
+            if self._server.started:
+                return
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.025)
+        raise RuntimeError(f"{self.name} did not start on port {self.port}")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._task, timeout=10)
+
+
+@dataclass
+class Stack:
+    """Everything running; `env` holds the settings the function app was started with."""
+
+    token: str
+    templates: dict[str, Template]
+    azurite: Azurite
+    fo: Server
+    dataverse: Server
+    devhost: Any
+    env: dict[str, str] = field(default_factory=dict)
+
+    def admin(self, server: Server) -> httpx.AsyncClient:
+        """An HTTP client for an emulator's /_admin endpoint."""
+        return httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
+
+    @property
+    def function_url(self) -> str:
+        return str(self.devhost.base_url)
+
+    @property
+    def function_key(self) -> str:
+        return str(self.devhost.function_key)
+
+    @property
+    def admin_key(self) -> str:
+        return str(self.devhost.admin_key)
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    *,
+    seed: int | None = 7,
+    templates_dir: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    fo_event_format: str = "data-event",
+) -> AsyncIterator[Stack]:
+    """Start Azurite, the emulators and the dev host; register webhooks and event subscriptions."""
+    from loyaltysync.devhost import DevHost
+    from loyaltysync.runtime import close_runtime
+    from loyaltysync.sandbox import dataverse as dataverse_emulator
+    from loyaltysync.sandbox import fno as fno_emulator
+
+    templates = load_templates(templates_dir or default_mappings_dir())
+    token = secrets.token_urlsafe(24)
+    fo_port, dv_port = free_port(), free_port()
+    fo = Server(
+        "fo",
+        fno_emulator.create_app(token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{fo_port}"),
+        fo_port,
+    )
+    dv = Server(
+        "dataverse",
+        dataverse_emulator.create_app(
+            token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{dv_port}"
+        ),
+        dv_port,
+    )
+    saved = dict(os.environ)
+    async with Azurite() as azurite:
+        env = {
+            "FNO_URL": fo.url,
+            "DATAVERSE_URL": dv.url,
+            "LOYALTYSYNC_SANDBOX_TOKEN": token,
+            "AzureWebJobsStorage": azurite.connection_string,
+            "INTEGRATION_USER_IDS": ",".join(dataverse_emulator.INTEGRATION_USER_IDS),
+            "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
+            "DEV_FUNCTION_KEY": secrets.token_urlsafe(24),
+            "DEV_ADMIN_KEY": secrets.token_urlsafe(24),
+            **({"MAPPINGS_DIR": str(templates_dir)} if templates_dir else {}),
+            **(extra_env or {}),
+        }
+        os.environ.update(env)
+        devhost = DevHost(
+            "function_app",
+            port=free_port(),
+            storage=azurite.connection_string,
+            host_json=REPO / "host.json",
+            local_settings=REPO / "local.settings.json.absent",
+        )
+        await fo.start()
+        await dv.start()
+        await devhost.start()
+        stack = Stack(token=token, templates=templates, azurite=azurite, fo=fo, dataverse=dv, devhost=devhost, env=env)
+        try:
+            await register(stack, fo_event_format=fo_event_format)
+            yield stack
+        finally:
+            await devhost.stop()
+            await close_runtime()
+            await dv.stop()
+            await fo.stop()
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+async def register(stack: Stack, *, fo_event_format: str) -> None:
+    """Dataverse webhooks through the Web API (the real registration path); F&O event subscriptions."""
+    from loyaltysync import webhooks
+    from loyaltysync.targets.auth import StaticTokenCredential
+    from loyaltysync.targets.dataverse import DataverseClient
+
+    async with DataverseClient(stack.dataverse.url, StaticTokenCredential(stack.token)) as client:
+        plan = await webhooks.plan(
+            client, stack.templates, function_url=stack.function_url, function_key=stack.function_key
+        )
+        await webhooks.apply(client, plan)
+    async with stack.admin(stack.fo) as admin:
+        for template in stack.templates.values():
+            response = await admin.post(
+                "/_admin/subscriptions",
+                json={
+                    "entity_set": template.fo.entity_set,
+                    "url": f"{stack.function_url}/api/fo/{template.name}?code={stack.function_key}",
+                    "format": fo_event_format,
+                },
+            )
+            response.raise_for_status()
