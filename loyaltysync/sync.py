@@ -214,29 +214,40 @@ class Engine:
         self, template: Template, key: dict[str, str], decision: Decision, fo: SideRecord, dv: SideRecord
     ) -> str | None:
         row_id = dv.row_id
-        if decision.delete == "fo":
-            await self.fno.delete(
-                template.fo.entity_set, mapping.fo_key(template, key), cross_company=template.fo.company_specific
-            )
-        elif decision.delete == "dataverse":
-            await self.dataverse.delete_by_key(template.dataverse.entity_set, mapping.dataverse_key(template, key))
-            row_id = None
-        for side, values in decision.writes.items():
-            create = decision.create == side
-            if side == "fo":
-                await self.write_fo(template, key, values, create=create)
-            else:
-                row_id = await self.write_dataverse(template, key, values, create=create) or row_id
+        try:
+            if decision.delete == "fo":
+                await self.fno.delete(
+                    template.fo.entity_set, mapping.fo_key(template, key), cross_company=template.fo.company_specific
+                )
+            elif decision.delete == "dataverse":
+                await self.dataverse.delete_by_key(
+                    template.dataverse.entity_set,
+                    mapping.dataverse_key(template, key),
+                    id_column=template.dataverse.primary_id,
+                )
+                row_id = None
+            for side, values in decision.writes.items():
+                create = decision.create == side
+                if side == "fo":
+                    await self.write_fo(template, key, values, create=create)
+                else:
+                    row_id = await self.write_dataverse(template, key, values, create=create) or row_id
+        except TargetError as exc:
+            # Update-only found no row (deleted meanwhile) or create-only found one (created
+            # meanwhile): the record changed under us, so decide again from fresh reads.
+            if exc.status in (404, 412):
+                raise ConcurrencyError(str(exc)) from exc
+            raise
         return row_id
 
     async def write_fo(
         self, template: Template, key: Mapping[str, str], values: Mapping[str, Any], *, create: bool
     ) -> None:
-        """Write canonical values to F&O by natural key: create-only or update-only."""
+        """Write canonical values to F&O by natural key: create (race-safe) or update-only."""
         body = mapping.canonical_to_fo(template, values, create=create)
         fo_key = mapping.fo_key(template, key)
         if create:
-            await self.fno.create(template.fo.entity_set, {**body, **fo_key})
+            await self.fno.create_or_update(template.fo.entity_set, fo_key, {**body, **fo_key})
         else:
             await self.fno.update(template.fo.entity_set, fo_key, body)
 
@@ -252,7 +263,11 @@ class Engine:
         if create:
             body.update(dv_key)
         return await self.dataverse.upsert(
-            template.dataverse.entity_set, dv_key, body, mode="create" if create else "update"
+            template.dataverse.entity_set,
+            dv_key,
+            body,
+            mode="create" if create else "update",
+            id_column=template.dataverse.primary_id,
         )
 
     async def _record(
