@@ -22,8 +22,10 @@ template allows it; otherwise it is re-created).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
+from loyaltysync.mapping import parse_datetime
 from loyaltysync.templates import FieldMap, Side, Template, other_side
 
 Canonical = dict[str, Any]
@@ -103,7 +105,18 @@ def is_newer(version: str | None, than: str | None) -> bool:
         return True
     if version.isdigit() and than.isdigit():
         return int(version) > int(than)
+    moments = _instant(version), _instant(than)
+    if moments[0] is not None and moments[1] is not None:
+        return moments[0] > moments[1]  # times with and without fractions or offsets do not sort as text
     return version > than
+
+
+def _instant(text: str) -> datetime | None:
+    """The moment an ISO-8601 or WCF /Date()/ string names, or None when it is not a time."""
+    try:
+        return parse_datetime(text)
+    except ValueError:
+        return None
 
 
 def is_stale(event_version: str | None, seen_version: str | None) -> bool:
@@ -154,6 +167,12 @@ def decide(
             continue  # deferred: agreed value stays, so the other side's event still sees a conflict
         value = x if source == "fo" else y
         target = other_side(source)
+        if value is None and target == "fo" and f.type == "enum":
+            # F&O enums always hold a member, so an emptied Dataverse choice cannot be written there:
+            # a two-way field puts F&O's member back into Dataverse; a '<' field has nothing to write.
+            if not f.flows_to("dataverse"):
+                continue
+            source, value, target = "fo", x, "dataverse"
         if f.flows_to(target):
             writes[target][f.key] = value
             new_agreed[f.key] = value
@@ -201,7 +220,7 @@ def _settle(
             return Conflict(f.key, x, y, "fo", "last-writer-wins: no times known, F&O is the record of origin")
         winner: Side = "dataverse" if fo_time is None else "fo"
         return Conflict(f.key, x, y, winner, "last-writer-wins: the side with a known time is newer")
-    if dv_time > fo_time:
+    if is_newer(dv_time, fo_time):
         return Conflict(f.key, x, y, "dataverse", f"last-writer-wins: {dv_time} > {fo_time}")
     return Conflict(f.key, x, y, "fo", f"last-writer-wins: {fo_time} >= {dv_time}")
 

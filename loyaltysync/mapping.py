@@ -131,6 +131,17 @@ def _canonical_string(value: Any) -> str | None:
     return value
 
 
+def _representative(f: FieldMap, member: Any) -> Any:
+    """The first member with the same Dataverse value: what a many-to-one map reads back as."""
+    if f.value_map is None:
+        return member
+    target = f.value_map[member]
+    for name, value in f.value_map.items():
+        if type(value) is type(target) and value == target:
+            return name
+    return member
+
+
 def normalize(template: Template, f: FieldMap, value: Any) -> Any:
     """Bring a side-neutral value (enums already as F&O member names) to canonical form."""
     try:
@@ -139,7 +150,7 @@ def normalize(template: Template, f: FieldMap, value: Any) -> Any:
                 return None
             if f.value_map is not None and value not in f.value_map:
                 raise _fail(template, f, value, f"not in the value map ({', '.join(f.value_map)})")
-            return value
+            return _representative(f, value)
         if f.type == "string":
             text = _canonical_string(value)
             if f.key == COMPANY_FIELD and text is not None:
@@ -188,6 +199,8 @@ def canonical_to_fo(template: Template, values: Mapping[str, Any], *, create: bo
             if f.type == "enum":
                 if value is None:
                     continue
+                if f.value_map is not None and value not in f.value_map:
+                    raise _fail(template, f, value, f"not in the value map ({', '.join(f.value_map)})")
                 body[f.fo] = value
             elif value is None:
                 body[f.fo] = _fo_empty(f)

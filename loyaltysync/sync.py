@@ -170,6 +170,7 @@ class Engine:
         if row is None:
             return SideRecord(values=None)
         modified = row.get(template.fo.modified_field) if template.fo.modified_field else None
+        modified = mapping.normalize_time(modified)
         return SideRecord(mapping.fo_to_canonical(template, row), modified_on=modified, version=row.get("@odata.etag"))
 
     async def read_dataverse(self, template: Template, key: Mapping[str, str]) -> SideRecord:

@@ -94,7 +94,9 @@ class FieldMap(_Strict):
             raise ValueError("map '<<' needs 'fo' (the property it writes)")
         if self.map in (">>", "<<") and not (self.fo and self.dataverse) and not has_default:
             raise ValueError(f"map '{self.map}' with only one side needs a constant 'default'")
-        if self.map in ("><", ">>", "<<") and self.value_map is None and not has_default:
+        if self.map == "><" and self.value_map is None:
+            raise ValueError("map '><' translates both ways: give 'value_map'")
+        if self.map in (">>", "<<") and self.value_map is None and not has_default:
             raise ValueError(f"map '{self.map}' translates: give 'value_map' (or a constant 'default')")
         if self.map in ("=", ">", "<") and self.value_map is not None:
             raise ValueError(f"map '{self.map}' copies values as is; a 'value_map' needs '><', '>>' or '<<'")
@@ -195,12 +197,17 @@ class Template(_Strict):
 
     @model_validator(mode="after")
     def _keys_and_names(self) -> Template:
-        names = [f.key for f in self.fields]
+        if self.fo.company_specific and not self.dataverse.company_column:
+            raise ValueError("fo.company_specific needs dataverse.company_column")
+        if any(f.fo == COMPANY_FIELD for f in self.fields) and self.fo.company_specific:
+            raise ValueError(f"{COMPANY_FIELD} is added by fo.company_specific; do not list it as a field")
+        rows = self.all_fields
+        names = [f.key for f in rows]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"field names repeat: {', '.join(dupes)}")
         for column_side in SIDES:
-            columns = [c for c in (f.read_from(column_side) for f in self.fields) if c]
+            columns = [c for c in (f.read_from(column_side) for f in rows) if c]
             repeats = sorted({c for c in columns if columns.count(c) > 1})
             if repeats:
                 raise ValueError(f"{column_side} columns mapped twice: {', '.join(repeats)}")
