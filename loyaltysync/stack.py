@@ -42,7 +42,12 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        from loyaltysync.sandbox.common import drop_aware
+
+        # drop_aware lets the emulators' "dropped connection" fault close the socket with no response.
+        config = uvicorn.Config(
+            drop_aware(self.app), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+        )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve(), name=f"uvicorn-{self.name}")
         for _ in range(200):

@@ -1,0 +1,1 @@
+"""Emulators of the F&O OData service and the Dataverse Web API, and the pieces they share."""
