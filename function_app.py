@@ -104,7 +104,7 @@ for _template in TEMPLATES.values():
 
 
 @app.function_name(name="reconcile")
-@app.timer_trigger(arg_name="timer", schedule="%RECONCILE_SCHEDULE%", run_on_startup=False, use_monitor=True)
+@app.timer_trigger(arg_name="timer", schedule=SETTINGS.reconcile_schedule, run_on_startup=False, use_monitor=True)
 async def reconcile_timer(timer: func.TimerRequest) -> None:
     """Find records whose two sides differ (missed events, outages, drift) and queue them."""
     reports = await reconcile_all(await get_runtime(), full=False)

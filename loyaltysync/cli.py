@@ -135,12 +135,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Host function_app.py like `func start` (HTTP, queue and timer triggers)."""
-    from loyaltysync.devhost import serve
-    from loyaltysync.settings import load_local_settings
+    import logging
 
-    load_local_settings()
+    from loyaltysync.devhost import serve
+    from loyaltysync.runtime import close_runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        try:
+            await serve("function_app", port=args.port)
+        finally:
+            await close_runtime()
+
     try:
-        asyncio.run(serve("function_app", port=args.port))
+        asyncio.run(run())
     except KeyboardInterrupt:
         pass
     return 0
