@@ -82,12 +82,12 @@ def step(title: str) -> None:
 
 async def play(stack: Stack) -> int:
     """The scripted day. Returns the exit code."""
-    from loyaltysync.sandbox.dataverse import AGENT_OBJECT_ID
+    from loyaltysync.sandbox.dataverse import AGENT_USER
 
     runtime = await get_runtime()
     fo = FnoClient(stack.fo.url, StaticTokenCredential(stack.token))
     dv = DataverseClient(stack.dataverse.url, StaticTokenCredential(stack.token))
-    agent = dv.as_caller(AGENT_OBJECT_ID)
+    agent = dv.as_caller(AGENT_USER.azureactivedirectoryobjectid)
     admin_fo, admin_dv = stack.admin(stack.fo), stack.admin(stack.dataverse)
 
     async def fo_card(number: str) -> dict[str, Any] | None:

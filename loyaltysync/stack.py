@@ -131,7 +131,7 @@ async def running_stack(
             "DATAVERSE_URL": dv.url,
             "LOYALTYSYNC_SANDBOX_TOKEN": token,
             "AzureWebJobsStorage": azurite.connection_string,
-            "INTEGRATION_USER_IDS": ",".join(dataverse_emulator.INTEGRATION_USER_IDS),
+            "INTEGRATION_USER_IDS": dataverse_emulator.INTEGRATION_USER.systemuserid,
             "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
             "DEV_FUNCTION_KEY": secrets.token_urlsafe(24),
             "DEV_ADMIN_KEY": secrets.token_urlsafe(24),
