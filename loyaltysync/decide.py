@@ -142,7 +142,8 @@ def decide(
     """
     records: dict[Side, SideRecord] = {"fo": fo, "dataverse": dataverse}
     if not fo.exists and not dataverse.exists:
-        return Decision(reason="both-missing", exists_after=False)
+        # Typically the webhook of our own delete: nothing left to do on either side.
+        return Decision(reason="echo" if from_integration_user else "both-missing", exists_after=False)
     if not fo.exists or not dataverse.exists:
         return _one_side_missing(template, records, agreed)
 

@@ -10,16 +10,18 @@ both sides converged with no dead letters.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loyaltysync import worker
+from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.mapping import parse_datetime
 from loyaltysync.reconcile import ReconcileReport, reconcile_full
 from loyaltysync.runtime import Runtime, get_runtime
-from loyaltysync.stack import Stack, running_stack
+from loyaltysync.stack import Stack, running_stack, settle
 from loyaltysync.sync import Outcome
 from loyaltysync.targets.auth import StaticTokenCredential
 from loyaltysync.targets.dataverse import DataverseClient
@@ -38,7 +40,8 @@ def _print_event(event: ChangeEvent, outcome: Outcome | None, parked: str | None
         print(f"    ! {event.template:<22} {arrow:<17} {event.key_text:<12} parked: {parked}")
         return
     assert outcome is not None  # noqa: S101 - observer contract: one of the two is set
-    fields = ", ".join(f for names in outcome.writes.values() for f in names) or "-"
+    names = {"fo": "F&O", "dataverse": "Dataverse"}
+    fields = "; ".join(f"to {names[side]}: {', '.join(f)}" for side, f in outcome.writes.items()) or "-"
     extra = ""
     if outcome.created:
         extra = f" (created in {outcome.created})"
@@ -71,7 +74,10 @@ async def wait_until(check: Callable[[], Awaitable[bool]], seconds: float, what:
 
 async def wait_converged(runtime: Runtime, seconds: float = 45.0) -> None:
     async def check() -> bool:
-        return all(r.only_fo == r.only_dataverse == r.different == 0 for r in await _converged(runtime))
+        try:
+            return all(r.only_fo == r.only_dataverse == r.different == 0 for r in await _converged(runtime))
+        except TargetError:
+            return False  # throttled or down while comparing: look again
 
     await wait_until(check, seconds, "both sides to hold the same records")
 
@@ -138,6 +144,7 @@ async def play(stack: Stack) -> int:
             report = await reconcile_full(runtime, template)
             print(f"  {report.summary()}")
         await wait_converged(runtime, 90)
+        await settle(stack)
         worker.OBSERVERS.clear()
         print("  copied; both sides equal")
         worker.OBSERVERS.append(_print_event)
@@ -156,9 +163,13 @@ async def play(stack: Stack) -> int:
         await wait_until(lambda: _dv_is(dv_card("C-1001"), "msdyn_partynumber", "P-10001"), 30, "C-1001 in Dataverse")
         await wait_until(lambda: _dv_is(dv_card("C-0002"), "msdyn_partynumber", "P-99999"), 30, "C-0002 edit")
 
+        await settle(stack)
+
         step("An agent blocks card C-0003 in Dataverse")
         await agent.upsert(DV_CARDS, {"msdyn_cardnumber": "C-0003"}, {"msdyn_cardtendertype": BLOCKED}, mode="update")
         await wait_until(lambda: _dv_is(fo_card("C-0003"), "CardTenderType", "Blocked"), 30, "C-0003 blocked in F&O")
+
+        await settle(stack)
 
         step("Card C-0004 edited on both sides at once, different fields: both survive")
         await asyncio.gather(
@@ -170,13 +181,21 @@ async def play(stack: Stack) -> int:
         await wait_until(lambda: _dv_is(fo_card("C-0004"), "OmOperatingUnitNumber", "S0404"), 30, "DV edit in F&O")
         await wait_until(lambda: _dv_is(dv_card("C-0004"), "msdyn_partynumber", "P-40404"), 30, "F&O edit in DV")
 
-        step("Card C-0005: the same field edited on both sides; last writer wins (Dataverse, a moment later)")
+        await settle(stack)
+
+        step("Card C-0005: the same field edited on both sides while the template is paused; last writer wins")
+        await runtime.set_paused("loyalty-cards", True, "demo: hold events to show a conflict")
+        print("    loyalty-cards paused: events are kept, not applied")
         await fo.update(CARDS, {"CardNumber": "C-0005"}, {"OmOperatingUnitNumber": "S-FO"})
         await asyncio.sleep(1.1)
         await agent.upsert(
             DV_CARDS, {"msdyn_cardnumber": "C-0005"}, {"msdyn_operatingunitnumber": "S-DV"}, mode="update"
         )
+        await asyncio.sleep(1.5)
+        await runtime.set_paused("loyalty-cards", False)
+        print("    loyalty-cards resumed")
         await wait_until(lambda: _dv_is(fo_card("C-0005"), "OmOperatingUnitNumber", "S-DV"), 30, "Dataverse wins")
+        await settle(stack)
 
         step("A reward point with a currency lookup, both ways")
         await fo.create(
@@ -208,11 +227,15 @@ async def play(stack: Stack) -> int:
             "currency change in F&O",
         )
 
+        await settle(stack)
+
         step("Deletes on both sides")
         await fo.delete(CARDS, {"CardNumber": "C-0006"})
         await agent.delete_by_key(DV_CARDS, {"msdyn_cardnumber": "C-0007"})
         await wait_until(lambda: _missing(dv_card("C-0006")), 30, "C-0006 gone from Dataverse")
         await wait_until(lambda: _missing(fo_card("C-0007")), 30, "C-0007 gone from F&O")
+
+        await settle(stack)
 
         step("A burst of Dataverse throttling (429 with Retry-After) while F&O edits 10 cards")
         await admin_dv.patch("/_admin/faults", json={"throttle_rate": 0.5, "throttle_retry_after_s": 0.2})
@@ -220,6 +243,7 @@ async def play(stack: Stack) -> int:
             await fo.update(CARDS, {"CardNumber": f"C-{i:04d}"}, {"PartyNumber": f"P-T{i}"})
         await wait_converged(runtime, 60)
         await admin_dv.patch("/_admin/faults", json={"throttle_rate": 0.0})
+        await settle(stack)
         stats = (await admin_dv.get("/_admin/stats")).json()
         print(f"  converged; Dataverse answered {stats['counters'].get('throttled', 0)} requests with 429 so far")
 
@@ -231,6 +255,7 @@ async def play(stack: Stack) -> int:
         await admin_dv.patch("/_admin/faults", json={"outage": False})
         await wait_converged(runtime, 60)
         print("  caught up after the outage")
+        await settle(stack)
         worker.OBSERVERS.clear()
 
         step("Field-by-field comparison of both sides")
@@ -263,6 +288,9 @@ async def _missing(read: Awaitable[dict[str, Any] | None]) -> bool:
 
 async def run_demo() -> int:
     """Run the whole demo; the exit code says whether both sides converged with no dead letters."""
+    # Retries are expected during the throttling and outage steps; the feed shows their outcome.
+    logging.getLogger("loyaltysync.targets").setLevel(logging.ERROR)
+    logging.getLogger("loyaltysync.devhost").setLevel(logging.CRITICAL)  # failed attempts are retried
     started = time.monotonic()
     print("loyaltysync demo: starting Azurite, the F&O and Dataverse emulators and the function app")
     async with running_stack() as stack:

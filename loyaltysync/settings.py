@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     dataverse_max_concurrency: int = Field(default=52, ge=1, le=52, validation_alias="DATAVERSE_MAX_CONCURRENCY")
     fno_max_concurrency: int = Field(default=16, ge=1, le=256, validation_alias="FNO_MAX_CONCURRENCY")
     http_timeout_seconds: float = Field(default=30.0, gt=0, le=230, validation_alias="HTTP_TIMEOUT_SECONDS")
+    pause_recheck_seconds: int = Field(default=30, ge=1, le=3600, validation_alias="PAUSE_RECHECK_SECONDS")
     servicebus_queue: str | None = Field(default=None, validation_alias="SERVICEBUS_QUEUE")
     eventgrid_enabled: bool = Field(default=False, validation_alias="EVENTGRID_ENABLED")
     redact_personal_data: bool = Field(default=True, validation_alias="REDACT_PERSONAL_DATA")

@@ -133,6 +133,7 @@ async def running_stack(
             "AzureWebJobsStorage": azurite.connection_string,
             "INTEGRATION_USER_IDS": dataverse_emulator.INTEGRATION_USER.systemuserid,
             "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
+            "PAUSE_RECHECK_SECONDS": "1",
             "DEV_FUNCTION_KEY": secrets.token_urlsafe(24),
             "DEV_ADMIN_KEY": secrets.token_urlsafe(24),
             **({"MAPPINGS_DIR": str(templates_dir)} if templates_dir else {}),
@@ -160,6 +161,27 @@ async def running_stack(
             await fo.stop()
             os.environ.clear()
             os.environ.update(saved)
+
+
+async def settle(stack: Stack, *, seconds: float = 60.0) -> None:
+    """Wait until both emulators delivered their events and every queue is empty."""
+    from loyaltysync.operations import status
+    from loyaltysync.runtime import get_runtime
+
+    runtime = await get_runtime()
+    deadline = asyncio.get_running_loop().time() + seconds
+    quiet_rounds = 0
+    while asyncio.get_running_loop().time() < deadline:
+        for server in (stack.fo, stack.dataverse):
+            async with stack.admin(server) as admin:
+                await admin.post("/_admin/deliveries/drain")
+        report = await status(runtime)
+        busy = sum(t["backlog"] for t in report["templates"].values())
+        quiet_rounds = quiet_rounds + 1 if busy == 0 else 0
+        if quiet_rounds >= 3:  # queue counts are approximate and messages in flight are invisible
+            return
+        await asyncio.sleep(0.3)
+    raise TimeoutError(f"the pipeline did not settle within {seconds:.0f} s")
 
 
 async def register(stack: Stack, *, fo_event_format: str) -> None:

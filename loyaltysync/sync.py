@@ -16,8 +16,10 @@ the I/O around it, in a fixed order:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,14 @@ class Outcome:
         return bool(self.writes) or self.created is not None or self.deleted is not None
 
 
+class _Raced(ConcurrencyError):
+    """The state changed between our read and our write; carries what this attempt did."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(f"sync state of {outcome.template} {outcome.key} changed under us")
+        self.outcome = outcome
+
+
 class Engine:
     """Runs sync steps against one F&O and one Dataverse environment."""
 
@@ -75,6 +85,16 @@ class Engine:
         self.lookups = lookups
         self.state = state
         self.integration_users = integration_users
+        # One step at a time per record in this process: concurrent events for one key would
+        # otherwise both read the old state and both write. Across instances the state ETag decides.
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, template: str, key: str) -> asyncio.Lock:
+        lock = self._locks.get((template, key))
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[(template, key)] = lock
+        return lock
 
     def template(self, name: str) -> Template:
         """The template an event names; an unknown one is a permanent MappingError."""
@@ -90,14 +110,26 @@ class Engine:
         be synced (the caller parks them) and transient TargetError for the
         caller to retry later.
         """
-        started = time.perf_counter()
         template = self.template(event.template)
+        async with self._lock(template.name, event.key_text or event.row_id or ""):
+            return await self._process(template, event, live=live)
+
+    async def _process(self, template: Template, event: ChangeEvent, *, live: bool) -> Outcome:
+        started = time.perf_counter()
+        earlier: Outcome | None = None
         for _ in range(MAX_STATE_RACES):
             try:
                 outcome = await self._step(template, event, live=live)
-            except ConcurrencyError:
+            except _Raced as raced:
+                # The writes of the raced attempt happened; the re-run sees their result.
                 log.info("state of %s %s changed under us; re-running", template.name, event.key_text)
+                earlier = raced.outcome if raced.outcome.applied else earlier
                 continue
+            except ConcurrencyError:
+                log.info("%s %s changed while writing; re-running", template.name, event.key_text)
+                continue
+            if earlier is not None and not outcome.applied:
+                outcome = earlier
             outcome.duration_ms = (time.perf_counter() - started) * 1000
             return outcome
         raise TargetError("state", 409, "ConcurrencyVersionMismatch", "sync state kept changing; will retry")
@@ -127,8 +159,7 @@ class Engine:
         agreed = agreed_from_state(record.values if record else None, record.deleted if record else False)
         decision = decide(template, fo, dv, agreed, trigger=event.side, live=live, from_integration_user=ours)
         row_id = await self._apply(template, key, decision, fo, dv)
-        await self._record(template, key_text, event, decision, record, fo, dv, row_id)
-        return Outcome(
+        outcome = Outcome(
             template.name,
             event.side,
             key_text,
@@ -141,6 +172,11 @@ class Engine:
                 for c in decision.conflicts
             ],
         )
+        try:
+            await self._record(template, key_text, event, decision, record, dv, row_id)
+        except ConcurrencyError as exc:
+            raise _Raced(outcome) from exc
+        return outcome
 
     # ------------------------------------------------------------ reading
 
@@ -278,7 +314,6 @@ class Engine:
         event: ChangeEvent,
         decision: Decision,
         record: SyncRecord | None,
-        fo: SideRecord,
         dv: SideRecord,
         row_id: str | None,
     ) -> None:

@@ -25,7 +25,6 @@ from loyaltysync.sync import Outcome
 
 log = logging.getLogger("loyaltysync.worker")
 
-PAUSED_RECHECK_S = 30
 DEFAULT_MAX_DEQUEUE = 5
 
 Observer = Callable[[ChangeEvent, "Outcome | None", "str | None"], None]
@@ -61,7 +60,7 @@ async def handle_change(runtime: Runtime, body: str, *, dequeue_count: int = 1, 
         return None
     if await runtime.paused(event.template):
         # Held, not applied: put it back for later. Requeued messages never expire.
-        await runtime.enqueue(event.template, body, delay_s=PAUSED_RECHECK_S)
+        await runtime.enqueue(event.template, body, delay_s=runtime.settings.pause_recheck_seconds)
         log.info("template %s is paused; event %s held", event.template, event.event_id)
         return None
     try:
