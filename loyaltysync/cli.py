@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loyaltysync.errors import ConfigError, EventError, LoyaltySyncError, TemplateError
-from loyaltysync.templates import Template, default_mappings_dir, json_schema, load_templates, table_rows
+from loyaltysync.templates import Side, Template, default_mappings_dir, json_schema, load_templates, table_rows
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -92,7 +92,7 @@ def cmd_inspect_event(args: argparse.Namespace) -> int:
     template = templates.get(args.template) if args.template else None
     if args.template and template is None:
         raise EventError(f"no template named {args.template!r}", 422)
-    sides = [args.side] if args.side else ["dataverse", "fo"]
+    sides: list[Side] = [args.side] if args.side else ["dataverse", "fo"]
     errors: list[str] = []
     for side in sides:
         try:
