@@ -58,6 +58,7 @@ class ChangeEvent:
     initiating_user: str | None = None
     received_at: str = field(default_factory=utc_now)
     wire_format: WireFormat = "dataverse-webhook"
+    traceparent: str | None = None  # W3C trace context of the inbound request, carried through the queue
 
     def to_json(self) -> str:
         """Serialize for the queue (plain JSON; the queue layer adds base64)."""
