@@ -116,6 +116,10 @@ class Engine:
 
     async def _process(self, template: Template, event: ChangeEvent, *, live: bool) -> Outcome:
         started = time.perf_counter()
+        if event.wire_format == "replay":
+            # A replay follows a fix (say, a currency added in Dataverse): cached "no such row"
+            # answers are stale on whichever instance picks the replayed message up.
+            self.lookups.forget()
         earlier: Outcome | None = None
         for _ in range(MAX_STATE_RACES):
             try:

@@ -279,7 +279,7 @@ class SandboxMiddleware:
             code = status[0] if status else None
             if code == 429:
                 state.counters.throttled += 1
-            if code is not None and 200 <= code < 300 and method in WRITE_METHODS and not path.endswith("$batch"):
+            if 200 <= (code or 0) < 300 and method in WRITE_METHODS and not (admin or path.endswith("$batch")):
                 state.counters.writes += 1
             state.log.append(
                 {
