@@ -190,7 +190,8 @@ class Engine:
         if event.row_id:
             known = await self.state.find_by_row_id(template.name, event.row_id)
             if known is not None:
-                return dict(zip(template.key_names, known.key.split("|"), strict=False))
+                # From the agreed values, not by splitting the key text: key values may contain "|".
+                return mapping.natural_key(template, known.values)
             row = await self.dataverse.get_by_id(
                 template.dataverse.entity_set, event.row_id, mapping.dataverse_select(template)
             )
