@@ -1,0 +1,182 @@
+"""The sync step against both emulators in-process, with the in-memory state store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from loyaltysync.errors import MappingError
+from loyaltysync.events.model import ChangeEvent
+from loyaltysync.sandbox import dataverse as dataverse_emulator
+from loyaltysync.sandbox import fno as fno_emulator
+from loyaltysync.state import MemoryStateStore
+from loyaltysync.sync import Engine
+from loyaltysync.targets.auth import StaticTokenCredential
+from loyaltysync.targets.dataverse import DataverseClient
+from loyaltysync.targets.fno import FnoClient
+from loyaltysync.targets.lookups import LookupCache
+from loyaltysync.templates import default_mappings_dir, load_templates
+
+TOKEN = "sync-test-token"
+OURS = dataverse_emulator.INTEGRATION_USER.systemuserid
+TEMPLATES = load_templates(default_mappings_dir())
+
+
+class World:
+    def __init__(self) -> None:
+        self.fo_app = fno_emulator.create_app(token=TOKEN, templates=TEMPLATES, public_url="http://fo.test")
+        self.dv_app = dataverse_emulator.create_app(token=TOKEN, templates=TEMPLATES, public_url="http://dv.test")
+        credential = StaticTokenCredential(TOKEN)
+        self.fo = FnoClient("http://fo.test", credential, transport=httpx.ASGITransport(app=self.fo_app))
+        self.dv = DataverseClient("http://dv.test", credential, transport=httpx.ASGITransport(app=self.dv_app))
+        self.state = MemoryStateStore()
+        self.engine = Engine(
+            TEMPLATES, self.fo, self.dv, LookupCache(self.dv), self.state, integration_users=frozenset({OURS})
+        )
+
+    async def writes(self) -> tuple[int, int]:
+        counts = []
+        for app, base in ((self.fo_app, "http://fo.test"), (self.dv_app, "http://dv.test")):
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as admin:
+                counts.append((await admin.get("/_admin/stats")).json()["counters"]["writes"])
+        return counts[0], counts[1]
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    w = World()
+    yield w
+    await w.fo.aclose()
+    await w.dv.aclose()
+
+
+def card(number: str, **changes: Any) -> dict[str, Any]:
+    return {
+        "CardNumber": number,
+        "CardTenderType": "AsCardTender",
+        "PartyNumber": "P-1",
+        "OmOperatingUnitNumber": "S1",
+        **changes,
+    }
+
+
+def event(side: str, number: str, **kw: Any) -> ChangeEvent:
+    return ChangeEvent(
+        template="loyalty-cards",
+        side=side,
+        operation=kw.pop("operation", "update"),  # type: ignore[arg-type]
+        key={"CardNumber": number},
+        **kw,
+    )
+
+
+async def test_fo_change_creates_then_updates_only_the_changed_field(world: World) -> None:
+    await world.fo.create("RetailLoyaltyCards", card("S-1"))
+    first = await world.engine.process(event("fo", "S-1", wire_format="fo-data-event"))
+    assert first.reason == "created" and first.created == "dataverse"
+    row = await world.dv.get_by_key("msdyn_loyaltycards", {"msdyn_cardnumber": "S-1"})
+    assert row is not None and row["msdyn_partynumber"] == "P-1" and row["msdyn_cardtendertype"] == 806380000
+
+    await world.fo.update("RetailLoyaltyCards", {"CardNumber": "S-1"}, {"PartyNumber": "P-2"})
+    second = await world.engine.process(event("fo", "S-1", wire_format="fo-data-event"))
+    assert second.reason == "changed" and second.writes == {"dataverse": ["PartyNumber"]}
+
+
+async def test_our_own_write_coming_back_is_an_echo_and_writes_nothing(world: World) -> None:
+    await world.fo.create("RetailLoyaltyCards", card("S-2"))
+    await world.engine.process(event("fo", "S-2"))
+    before = await world.writes()
+    echo = await world.engine.process(
+        event(
+            "dataverse", "S-2", initiating_user=OURS, complete=True, fields={"CardNumber": "S-2", "PartyNumber": "P-1"}
+        )
+    )
+    assert echo.reason == "echo"
+    assert await world.writes() == before
+
+
+async def test_a_stale_event_is_skipped_before_any_read(world: World) -> None:
+    await world.fo.create("RetailLoyaltyCards", card("S-3"))
+    await world.engine.process(event("fo", "S-3", source_version="500"))
+    late = await world.engine.process(event("fo", "S-3", source_version="499"))
+    duplicate = await world.engine.process(event("fo", "S-3", source_version="500"))
+    assert late.reason == "stale" and duplicate.reason == "stale"
+
+
+async def test_a_delete_with_only_a_row_id_finds_its_key_in_the_state(world: World) -> None:
+    await world.fo.create("RetailLoyaltyCards", card("S-4"))
+    await world.engine.process(event("fo", "S-4"))
+    row = await world.dv.get_by_key("msdyn_loyaltycards", {"msdyn_cardnumber": "S-4"})
+    assert row is not None
+    await world.dv.delete_by_key("msdyn_loyaltycards", {"msdyn_cardnumber": "S-4"})
+    gone = ChangeEvent(
+        template="loyalty-cards", side="dataverse", operation="delete", key={}, row_id=row["msdyn_loyaltycardid"]
+    )
+    outcome = await world.engine.process(gone)
+    assert outcome.reason == "deleted" and outcome.deleted == "fo"
+    assert await world.fo.get("RetailLoyaltyCards", {"CardNumber": "S-4"}) is None
+
+
+async def test_an_unknown_currency_is_a_mapping_error_naming_field_and_value(world: World) -> None:
+    await world.fo.create(
+        "RetailLoyaltyRewardPoints",
+        {
+            "RewardPointId": "GOLDBAR",
+            "RewardPointType": "Amount",
+            "Redeemable": "Yes",
+            "RedeemRanking": 1,
+            "RewardPointCurrency": "XAU",
+            "MaximumLoyaltyRewardPoints": 5,
+            "ExpirationTimeUnit": "Day",
+            "ExpirationTimeValue": 1,
+            "VestingTimeUnit": "Day",
+            "VestingTimeValue": 1,
+        },
+    )
+    points = ChangeEvent(
+        template="loyalty-reward-points", side="fo", operation="create", key={"RewardPointId": "GOLDBAR"}
+    )
+    with pytest.raises(MappingError) as caught:
+        await world.engine.process(points)
+    assert caught.value.field == "RewardPointCurrency" and caught.value.value == "XAU"
+
+
+async def test_concurrent_events_for_one_record_write_once(world: World) -> None:
+    import asyncio
+
+    await world.fo.create("RetailLoyaltyCards", card("S-5"))
+    await world.engine.process(event("fo", "S-5"))
+    await world.fo.update("RetailLoyaltyCards", {"CardNumber": "S-5"}, {"PartyNumber": "P-9"})
+    before = await world.writes()
+    outcomes = await asyncio.gather(*(world.engine.process(event("fo", "S-5")) for _ in range(5)))
+    after = await world.writes()
+    assert after[1] - before[1] == 1  # one Dataverse write, not five
+    assert sorted(o.reason for o in outcomes) == ["changed", "no-change", "no-change", "no-change", "no-change"]
+
+
+async def test_a_record_created_by_someone_else_meanwhile_is_decided_again(world: World) -> None:
+    # Between our read (missing in Dataverse) and our create-only write, another writer creates the row:
+    # Dataverse answers 412, the step re-runs from fresh reads and finds nothing left to do.
+    await world.fo.create("RetailLoyaltyCards", card("S-6"))
+    original = world.dv.upsert
+    calls: list[str] = []
+
+    async def someone_else_first(entity_set: str, key: Any, body: Any, **kw: Any) -> Any:
+        calls.append(kw.get("mode", "upsert"))
+        if len(calls) == 1:
+            await original(entity_set, key, dict(body), mode="create", id_column=kw.get("id_column"))
+        return await original(entity_set, key, body, **kw)
+
+    world.dv.upsert = someone_else_first  # type: ignore[method-assign]
+    outcome = await world.engine.process(event("fo", "S-6"))
+    assert calls == ["create"]  # the 412 was not retried blindly as an update
+    assert outcome.reason == "no-change"
+    row = await world.dv.get_by_key("msdyn_loyaltycards", {"msdyn_cardnumber": "S-6"})
+    assert row is not None and row["msdyn_partynumber"] == "P-1"
+    record = await world.state.get("loyalty-cards", "S-6")
+    assert record is not None and record.values["PartyNumber"] == "P-1"
