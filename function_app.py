@@ -10,15 +10,16 @@ plus the reconciler timer and the admin endpoints under /api/ops/ (admin key).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import azure.functions as func
 
-from loyaltysync import inbound, operations, worker
+from loyaltysync import inbound, operations, preflight, telemetry, worker
 from loyaltysync.events import parse_service_bus
 from loyaltysync.reconcile import reconcile_all
-from loyaltysync.runtime import get_runtime
+from loyaltysync.runtime import Runtime, get_runtime
 from loyaltysync.settings import load_local_settings, load_settings
 from loyaltysync.templates import SIDES, Side, Template, function_safe, load_templates
 from loyaltysync.worker import max_dequeue_count
@@ -28,8 +29,35 @@ SETTINGS = load_settings()
 TEMPLATES = load_templates(SETTINGS.mappings_dir)
 MAX_DEQUEUE = max_dequeue_count()
 log = logging.getLogger("loyaltysync")
+TELEMETRY = telemetry.configure(SETTINGS)  # once per process; never twice next to the worker's own (docs/monitoring.md)
+log.info("telemetry: %s", TELEMETRY)
+_background: set[asyncio.Task[object]] = set()
+_prepared: Runtime | None = None  # the runtime whose first use started tracing and the preflight check
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+
+async def _runtime() -> Runtime:
+    """The process's runtime; on first use its target calls are traced and the preflight check starts.
+
+    The check runs in the background (PREFLIGHT_ON_START): it only logs, and never delays an invocation.
+    """
+    global _prepared
+    runtime = await get_runtime()
+    if runtime is not _prepared:
+        _prepared = runtime
+        telemetry.instrument_runtime(runtime)
+        if SETTINGS.preflight_on_start:
+            task = asyncio.create_task(preflight.log_startup_check(runtime), name="preflight")
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+    return runtime
+
+
+def _host_traceparent(context: func.Context | None) -> str | None:
+    """The host's W3C trace context of this invocation, when it gives one."""
+    trace_context = getattr(context, "trace_context", None)
+    return getattr(trace_context, "trace_parent", None) or None
 
 
 def _response(reply: inbound.Reply) -> func.HttpResponse:
@@ -43,7 +71,9 @@ def _json(status: int, body: object) -> func.HttpResponse:
 
 
 def _inbound_function(side: Side, template: Template):  # type: ignore[no-untyped-def]
-    def handler(req: func.HttpRequest, out: func.Out[list[str]]) -> func.HttpResponse:
+    def handler(
+        req: func.HttpRequest, out: func.Out[list[str]], context: func.Context | None = None
+    ) -> func.HttpResponse:
         if req.method == "OPTIONS":
             return _response(inbound.handle_options(req.headers))
         reply = inbound.handle_inbound(
@@ -55,6 +85,7 @@ def _inbound_function(side: Side, template: Template):  # type: ignore[no-untype
             max_body_bytes=SETTINGS.max_body_bytes,
             secret=SETTINGS.webhook_secret,
             secret_header=SETTINGS.webhook_secret_header,
+            host_traceparent=_host_traceparent(context),
         )
         if reply.messages:
             out.set(reply.messages)
@@ -64,10 +95,14 @@ def _inbound_function(side: Side, template: Template):  # type: ignore[no-untype
 
 
 def _worker_function(template: Template):  # type: ignore[no-untyped-def]
-    async def handler(msg: func.QueueMessage) -> None:
-        runtime = await get_runtime()
+    async def handler(msg: func.QueueMessage, context: func.Context | None = None) -> None:
+        runtime = await _runtime()
         await worker.handle_change(
-            runtime, msg.get_body().decode("utf-8"), dequeue_count=msg.dequeue_count or 1, max_dequeue=MAX_DEQUEUE
+            runtime,
+            msg.get_body().decode("utf-8"),
+            dequeue_count=msg.dequeue_count or 1,
+            max_dequeue=MAX_DEQUEUE,
+            host_traceparent=_host_traceparent(context),
         )
 
     return handler
@@ -75,7 +110,7 @@ def _worker_function(template: Template):  # type: ignore[no-untyped-def]
 
 def _poison_function(template: Template):  # type: ignore[no-untyped-def]
     async def handler(msg: func.QueueMessage) -> None:
-        await worker.drain_poison(await get_runtime(), msg.get_body().decode("utf-8"))
+        await worker.drain_poison(await _runtime(), msg.get_body().decode("utf-8"))
 
     return handler
 
@@ -107,22 +142,29 @@ for _template in TEMPLATES.values():
 @app.timer_trigger(arg_name="timer", schedule=SETTINGS.reconcile_schedule, run_on_startup=False, use_monitor=True)
 async def reconcile_timer(timer: func.TimerRequest) -> None:
     """Find records whose two sides differ (missed events, outages, drift) and queue them."""
-    reports = await reconcile_all(await get_runtime(), full=False)
+    reports = await reconcile_all(await _runtime(), full=False)
     for report in reports:
         log.info("reconcile %s", report.summary())
+
+
+@app.function_name(name="monitor")
+@app.timer_trigger(arg_name="timer", schedule=SETTINGS.monitor_schedule, run_on_startup=False, use_monitor=False)
+async def monitor_timer(timer: func.TimerRequest) -> None:
+    """Queue backlog, oldest age, poison and dead letters per template, for the gauges and alerts."""
+    await telemetry.refresh_backlog(await _runtime())
 
 
 @app.function_name(name="ops_health")
 @app.route(route="ops/health", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 async def ops_health(req: func.HttpRequest) -> func.HttpResponse:
-    ok, detail = await operations.health(await get_runtime())
+    ok, detail = await operations.health(await _runtime())
     return _json(200 if ok else 503, {"ok": ok, **detail})
 
 
 @app.function_name(name="ops_status")
 @app.route(route="ops/status", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 async def ops_status(req: func.HttpRequest) -> func.HttpResponse:
-    return _json(200, await operations.status(await get_runtime()))
+    return _json(200, await operations.status(await _runtime()))
 
 
 @app.function_name(name="ops_pause")
@@ -141,7 +183,7 @@ async def _set_paused(req: func.HttpRequest, paused: bool) -> func.HttpResponse:
     name = req.route_params.get("template", "")
     if name not in TEMPLATES:
         return _json(404, {"error": f"no template named {name!r}", "templates": sorted(TEMPLATES)})
-    await (await get_runtime()).set_paused(name, paused, req.params.get("reason", ""))
+    await (await _runtime()).set_paused(name, paused, req.params.get("reason", ""))
     return _json(200, {"template": name, "paused": paused})
 
 
@@ -151,7 +193,7 @@ async def ops_replay(req: func.HttpRequest) -> func.HttpResponse:
     template = req.params.get("template") or None
     if template is not None and template not in TEMPLATES:
         return _json(404, {"error": f"no template named {template!r}"})
-    count = await worker.replay(await get_runtime(), template=template, key=req.params.get("key") or None)
+    count = await worker.replay(await _runtime(), template=template, key=req.params.get("key") or None)
     return _json(200, {"replayed": count})
 
 
@@ -161,10 +203,12 @@ if SETTINGS.servicebus_queue:
     @app.service_bus_queue_trigger(arg_name="msg", queue_name=SETTINGS.servicebus_queue, connection="SERVICEBUS")
     async def fo_servicebus(msg: func.ServiceBusMessage) -> None:
         """F&O business events through a Service Bus queue endpoint (redelivered, then dead-lettered)."""
-        runtime = await get_runtime()
-        parsed = parse_service_bus(msg.get_body(), dict(msg.application_properties or {}), templates=TEMPLATES)
-        for event in parsed.events:
-            await runtime.enqueue(event.template, event.to_json())
+        runtime = await _runtime()
+        recorder = telemetry.current()
+        with recorder.inbound_span("fo", None):
+            parsed = parse_service_bus(msg.get_body(), dict(msg.application_properties or {}), templates=TEMPLATES)
+            for event in parsed.events:
+                await runtime.enqueue(event.template, recorder.stamp(event).to_json())
 
 
 if SETTINGS.eventgrid_enabled:
@@ -173,7 +217,7 @@ if SETTINGS.eventgrid_enabled:
     @app.event_grid_trigger(arg_name="event")
     async def fo_eventgrid(event: func.EventGridEvent) -> None:
         """F&O business events through an Event Grid subscription (the extension does the handshake)."""
-        runtime = await get_runtime()
+        runtime = await _runtime()
         body = json.dumps(
             [
                 {

@@ -83,6 +83,16 @@ def cmd_mappings_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mappings_check(args: argparse.Namespace) -> int:
+    """Check every template against both sides' live metadata; exit 1 listing what would fail at run time."""
+    from loyaltysync import preflight
+
+    templates = _templates(args)
+    findings = _with_runtime(lambda runtime: preflight.check_runtime(runtime, templates))
+    print(preflight.report(findings, templates, as_json=args.json))
+    return preflight.exit_code(findings, strict=args.strict)
+
+
 def cmd_inspect_event(args: argparse.Namespace) -> int:
     """Parse a payload file as the inbound functions would and print the normalized event(s)."""
     from loyaltysync.events import Handshake, parse_inbound
@@ -259,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_mappings_show)
     msub.add_parser("schema", help="print the JSON Schema of template files").set_defaults(func=cmd_mappings_schema)
+    check = msub.add_parser(
+        "check", help="check every template against F&O and Dataverse metadata; exit 1 naming what would fail"
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--strict", action="store_true", help="warnings fail too")
+    check.set_defaults(func=cmd_mappings_check)
 
     inspect = sub.add_parser("inspect-event", help="print the normalized change event of a payload file")
     inspect.add_argument("file")

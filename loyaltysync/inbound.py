@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from loyaltysync import telemetry
 from loyaltysync.errors import EventError
 from loyaltysync.events import Handshake, parse_inbound
 from loyaltysync.templates import Side, Template
@@ -69,13 +70,34 @@ def handle_inbound(
     max_body_bytes: int,
     secret: str | None = None,
     secret_header: str = "x-loyaltysync-secret",  # noqa: S107 - a header name, not a secret
+    host_traceparent: str | None = None,
 ) -> Reply:
     """Turn one webhook delivery into queue messages and an HTTP answer.
 
     401 wrong shared secret; 413 body too large; 415 not JSON; 400/422 unreadable
     payload with the reason; 200 Event Grid validation answer; 202 accepted with
-    the event ids. Nothing is queued unless the answer is 202.
+    the event ids. Nothing is queued unless the answer is 202. Traced as one span
+    (a child of the host's request when `host_traceparent` names it); each queued
+    event carries the trace context on to the worker.
     """
+    recorder = telemetry.current()
+    name = template.name if template is not None else None
+    with recorder.inbound_span(side, name, host_traceparent=host_traceparent):
+        reply = _handle(side, template, templates, body, headers, max_body_bytes, secret, secret_header)
+        recorder.answered(side, name, reply.status, reply.body.get("error"))
+        return reply
+
+
+def _handle(
+    side: Side,
+    template: Template | None,
+    templates: Mapping[str, Template],
+    body: bytes,
+    headers: Mapping[str, str],
+    max_body_bytes: int,
+    secret: str | None,
+    secret_header: str,
+) -> Reply:
     refused = check_secret(headers, secret, secret_header)
     if refused is not None:
         return refused
@@ -96,5 +118,5 @@ def handle_inbound(
     return Reply(
         status=202,
         body={"accepted": len(events), "event_ids": [e.event_id for e in events]},
-        messages=[e.to_json() for e in events],
+        messages=[telemetry.current().stamp(e).to_json() for e in events],
     )

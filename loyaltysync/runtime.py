@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ResourceExistsError
+from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
 from loyaltysync.azurite import expand_connection_string
-from loyaltysync.settings import Settings, load_settings
+from loyaltysync.settings import CredentialKind, Settings, load_settings
 from loyaltysync.state import ControlStore, DeadLetterStore, StateStore
-from loyaltysync.state_tables import TableStorage
+from loyaltysync.state_tables import TableStorage, async_transport
 from loyaltysync.sync import Engine
 from loyaltysync.targets.auth import build_credential
 from loyaltysync.targets.dataverse import DataverseClient
@@ -119,13 +121,7 @@ def build_runtime(
         max_concurrency=settings.dataverse_max_concurrency,
         timeout=settings.http_timeout_seconds,
     )
-    connection = expand_connection_string(settings.storage)
-    storage = TableStorage.from_connection_string(
-        connection,
-        state_table=settings.state_table,
-        deadletter_table=settings.deadletter_table,
-        control_table=settings.control_table,
-    )
+    storage, queues, storage_credentials = _storage_clients(settings)
     engine = Engine(
         templates,
         fno,
@@ -143,10 +139,32 @@ def build_runtime(
         state=storage.state,
         dead_letters=storage.dead_letters,
         control=storage.control,
-        queues=QueueServiceClient.from_connection_string(connection),
+        queues=queues,
         _storage=storage,
-        _credentials=[fno_credential, dv_credential],
+        _credentials=[fno_credential, dv_credential, *storage_credentials],
     )
+
+
+def _storage_clients(settings: Settings) -> tuple[TableStorage, QueueServiceClient, list[AsyncTokenCredential]]:
+    """Tables and queues from `AzureWebJobsStorage` (a connection string), or from the identity-based
+    `AzureWebJobsStorage__*` endpoints with the app's identity, as the Functions host connects."""
+    names = (settings.state_table, settings.deadletter_table, settings.control_table)
+    endpoints = settings.storage_endpoints
+    if endpoints is None:
+        connection = expand_connection_string(settings.storage)
+        storage = TableStorage.from_connection_string(
+            connection, state_table=names[0], deadletter_table=names[1], control_table=names[2]
+        )
+        return storage, QueueServiceClient.from_connection_string(connection), []
+    kind: CredentialKind = "managed-identity" if endpoints.managed_identity else "default"
+    credential = build_credential(kind, client_id=endpoints.client_id)
+    transport = async_transport()
+    extra: dict[str, Any] = {} if transport is None else {"transport": transport}
+    service = TableServiceClient(endpoint=endpoints.table, credential=credential, **extra)
+    storage = TableStorage(
+        service, state_table=names[0], deadletter_table=names[1], control_table=names[2], owns_service=True
+    )
+    return storage, QueueServiceClient(account_url=endpoints.queue, credential=credential), [credential]
 
 
 _runtime: Runtime | None = None

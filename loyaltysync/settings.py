@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -31,6 +32,16 @@ def _root_url(value: str, setting: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"must be the environment root URL without a path (the clients add {setting}), got {value!r}")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+@dataclass(frozen=True, slots=True)
+class StorageEndpoints:
+    """Where the queues and tables are when the app reaches storage with its identity (no keys)."""
+
+    table: str
+    queue: str
+    managed_identity: bool = False  # `__credential=managedidentity`: only the managed identity, not the dev tools
+    client_id: str | None = None  # `__clientId`: a user-assigned identity
 
 
 class Settings(BaseSettings):
@@ -74,6 +85,37 @@ class Settings(BaseSettings):
     servicebus_queue: str | None = Field(default=None, validation_alias="SERVICEBUS_QUEUE")
     eventgrid_enabled: bool = Field(default=False, validation_alias="EVENTGRID_ENABLED")
     redact_personal_data: bool = Field(default=True, validation_alias="REDACT_PERSONAL_DATA")
+    # Identity-based storage (no connection string): the Functions host reads the same settings.
+    storage_account_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AzureWebJobsStorage__accountName", "AZUREWEBJOBSSTORAGE__ACCOUNTNAME"),
+    )
+    storage_table_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AzureWebJobsStorage__tableServiceUri", "AZUREWEBJOBSSTORAGE__TABLESERVICEURI"),
+    )
+    storage_queue_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AzureWebJobsStorage__queueServiceUri", "AZUREWEBJOBSSTORAGE__QUEUESERVICEURI"),
+    )
+    storage_credential: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AzureWebJobsStorage__credential", "AZUREWEBJOBSSTORAGE__CREDENTIAL"),
+    )
+    storage_client_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AzureWebJobsStorage__clientId", "AZUREWEBJOBSSTORAGE__CLIENTID"),
+    )
+    # Telemetry (docs/monitoring.md).
+    appinsights_connection_string: str | None = Field(
+        default=None, validation_alias="APPLICATIONINSIGHTS_CONNECTION_STRING", repr=False
+    )
+    worker_telemetry: bool = Field(default=False, validation_alias="PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY")
+    telemetry_logger_name: str = Field(default="loyaltysync", validation_alias="PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME")
+    telemetry_console: bool = Field(default=False, validation_alias="TELEMETRY_CONSOLE")
+    telemetry_hash_salt: str | None = Field(default=None, validation_alias="TELEMETRY_HASH_SALT", repr=False)
+    monitor_schedule: str = Field(default="0 * * * * *", validation_alias="MONITOR_SCHEDULE")
+    preflight_on_start: bool = Field(default=True, validation_alias="PREFLIGHT_ON_START")
 
     @field_validator("fno_url")
     @classmethod
@@ -85,7 +127,7 @@ class Settings(BaseSettings):
     def _dataverse(cls, value: str) -> str:
         return _root_url(value, "/api/data/v9.2/")
 
-    @field_validator("reconcile_schedule")
+    @field_validator("reconcile_schedule", "monitor_schedule")
     @classmethod
     def _ncrontab(cls, value: str) -> str:
         if len(value.split()) != 6 and not (value.startswith("%") and value.endswith("%")):
@@ -102,6 +144,31 @@ class Settings(BaseSettings):
         """Ids (Dataverse systemuserid, Entra object id) whose changes are our own writes."""
         return frozenset(
             part.strip().strip("{}").lower() for part in self.integration_user_ids.split(",") if part.strip()
+        )
+
+    @property
+    def storage_endpoints(self) -> StorageEndpoints | None:
+        """Table and queue endpoints of identity-based storage, or None when `AzureWebJobsStorage` is used.
+
+        As the Functions host reads them: explicit `__tableServiceUri` / `__queueServiceUri` win,
+        `__accountName` gives the public-cloud defaults. A connection string, when set, is used instead.
+        """
+        if "storage" in self.model_fields_set:
+            return None
+        account = (self.storage_account_name or "").strip()
+        table = self.storage_table_uri or (f"https://{account}.table.core.windows.net" if account else None)
+        queue = self.storage_queue_uri or (f"https://{account}.queue.core.windows.net" if account else None)
+        if table is None and queue is None:
+            return None
+        if table is None or queue is None:
+            missing = "__tableServiceUri" if table is None else "__queueServiceUri"
+            raise ConfigError(
+                f"AzureWebJobsStorage{missing}",
+                "identity-based storage needs both the table and the queue endpoint (or __accountName)",
+            )
+        managed = (self.storage_credential or "").strip().lower() == "managedidentity"
+        return StorageEndpoints(
+            table=table.rstrip("/"), queue=queue.rstrip("/"), managed_identity=managed, client_id=self.storage_client_id
         )
 
     def queue_name(self, template: str) -> str:

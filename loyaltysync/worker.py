@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from loyaltysync import telemetry
 from loyaltysync.errors import MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.runtime import SUCCESS_SCOPE, Runtime
@@ -49,8 +50,14 @@ def max_dequeue_count(host_json: Path = Path("host.json")) -> int:
         return DEFAULT_MAX_DEQUEUE
 
 
-async def handle_change(runtime: Runtime, body: str, *, dequeue_count: int = 1, max_dequeue: int = 5) -> Outcome | None:
-    """Process one queue message (ChangeEvent JSON). Returns the outcome, or None when parked/held."""
+async def handle_change(
+    runtime: Runtime, body: str, *, dequeue_count: int = 1, max_dequeue: int = 5, host_traceparent: str | None = None
+) -> Outcome | None:
+    """Process one queue message (ChangeEvent JSON). Returns the outcome, or None when parked/held.
+
+    Traced as a span continuing the trace the event carries from the inbound request
+    (`host_traceparent`, the host's invocation, is linked).
+    """
     try:
         event = ChangeEvent.from_json(body)
     except (ValueError, TypeError) as exc:
@@ -58,30 +65,62 @@ async def handle_change(runtime: Runtime, body: str, *, dequeue_count: int = 1, 
             "(unknown)", "fo", "(unreadable)", f"unreadable queue message: {exc}", "UnreadableMessage", body, ""
         )
         return None
+    with telemetry.current().change_span(event, attempt=dequeue_count, host_traceparent=host_traceparent):
+        return await _handle_event(runtime, event, body, dequeue_count, max_dequeue)
+
+
+async def _handle_event(
+    runtime: Runtime, event: ChangeEvent, body: str, dequeue_count: int, max_dequeue: int
+) -> Outcome | None:
+    recorder = telemetry.current()
     if await runtime.paused(event.template):
         # Held, not applied: put it back for later. Requeued messages never expire.
         await runtime.enqueue(event.template, body, delay_s=runtime.settings.pause_recheck_seconds)
-        log.info("template %s is paused; event %s held", event.template, event.event_id)
+        recorder.held(event)
+        log.info(
+            "template %s is paused; event %s held",
+            event.template,
+            event.event_id,
+            extra=recorder.log_extra(event, decision="held"),
+        )
         return None
     try:
         outcome = await runtime.engine.process(event, live=event.wire_format not in ("reconcile",))
     except MappingError as exc:
-        await _park(runtime, event, str(exc), "MappingError")
+        with telemetry.personal_values(str(exc.value) if exc.value is not None else None):
+            await _park(runtime, event, str(exc), "MappingError")
         return None
     except TargetError as exc:
         if not exc.transient:
-            await _park(runtime, event, str(exc), exc.code or str(exc.status))
+            await _park(runtime, event, str(exc), exc.code or str(exc.status), status=exc.status)
             return None
         if dequeue_count >= max_dequeue:
-            await _park(runtime, event, f"gave up after {dequeue_count} attempts: {exc}", exc.code or str(exc.status))
+            await _park(
+                runtime,
+                event,
+                f"gave up after {dequeue_count} attempts: {exc}",
+                exc.code or str(exc.status),
+                status=exc.status,
+            )
+        else:
+            recorder.retrying(event, exc.code or str(exc.status))
         raise
     await _succeeded(runtime, event, outcome)
     return outcome
 
 
-async def _park(runtime: Runtime, event: ChangeEvent, reason: str, code: str) -> None:
+async def _park(runtime: Runtime, event: ChangeEvent, reason: str, code: str, *, status: int | None = None) -> None:
     _notify(event, None, reason)
-    log.warning("parked %s %s %s: %s", event.template, event.side, event.key_text, reason)
+    recorder = telemetry.current()
+    shown = recorder.parked(event, reason, code)
+    log.warning(
+        "parked %s %s %s: %s",
+        event.template,
+        event.side,
+        recorder.redactor.key(event.key_text or event.row_id or "?"),
+        shown,
+        extra=recorder.log_extra(event, decision="parked", code=code, target_status=status),
+    )
     await runtime.dead_letters.park(
         event.template, event.side, event.key_text or event.row_id or "?", reason, code, event.to_json(), event.event_id
     )
@@ -99,14 +138,17 @@ async def _succeeded(runtime: Runtime, event: ChangeEvent, outcome: Outcome) -> 
         direction,
         {"at": datetime.now(UTC).isoformat(), "key": outcome.key, "reason": outcome.reason, "event_id": event.event_id},
     )
+    recorder = telemetry.current()
+    recorder.outcome(event, outcome)
     log.info(
         "%s %s %s -> %s writes=%s %.0f ms",
         event.template,
         event.side,
-        outcome.key,
+        recorder.redactor.key(outcome.key),
         outcome.reason,
         outcome.writes,
         outcome.duration_ms,
+        extra=recorder.log_extra(event, decision=outcome.reason, applied=outcome.applied),
     )
 
 
@@ -127,6 +169,7 @@ async def drain_poison(runtime: Runtime, body: str) -> None:
 
 async def replay(runtime: Runtime, *, template: str | None = None, key: str | None = None) -> int:
     """Re-queue dead letters (all, one template's, or one key's) and remove them. Returns how many."""
+    runtime.engine.lookups.forget()  # a replay follows a fix (e.g. a currency added): cached misses are stale
     count = 0
     for entry in await runtime.dead_letters.list(template):
         if key is not None and entry.key != key:
