@@ -10,6 +10,10 @@ can be lost, an outage can outlast retries, and people edit data by hand.
   are found too. Differences are queued.
 - full (on demand): both sides are paged completely and compared with each
   other; memory holds one 16-byte digest per F&O record, never whole tables.
+  With a `DifferenceSink` (the `--report` file), each difference is sent as
+  found; for records that differ, the F&O side is read back by key (one
+  `$batch` per Dataverse page) so the report shows both values of every
+  differing field. Progress (rows compared, rate, ETA) goes to a `ProgressSink`.
 
 Queued events carry `wire_format="reconcile"`: the worker re-reads both sides
 and decides with `live=False`.
@@ -20,15 +24,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from loyaltysync import mapping
+from loyaltysync.bulk.source import Source
 from loyaltysync.errors import MappingError
 from loyaltysync.events.model import ChangeEvent
+from loyaltysync.progress import NoProgress, ProgressSink
+from loyaltysync.reconcile_report import Difference, DifferenceSink
 from loyaltysync.runtime import Runtime
+from loyaltysync.targets import fno as fno_client
+from loyaltysync.targets.batch import BatchRequest
 from loyaltysync.templates import Side, Template
 
 log = logging.getLogger("loyaltysync.reconcile")
@@ -36,6 +45,7 @@ log = logging.getLogger("loyaltysync.reconcile")
 WATERMARK_SCOPE = "reconcile-watermark"
 OVERLAP = timedelta(minutes=2)  # clock skew and in-flight writes: look back a little
 SAMPLE = 1000
+READ_BACK_PER_BATCH = 500  # F&O reads by key per $batch when a report needs both values
 
 
 @dataclass
@@ -86,10 +96,10 @@ async def fo_records(
             yield mapping.fo_to_canonical(template, row)
 
 
-async def dataverse_records(
+async def dataverse_pages(
     runtime: Runtime, template: Template, *, since: str | None = None
-) -> AsyncIterator[dict[str, Any]]:
-    """Canonical Dataverse records with lookups resolved, page by page."""
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Canonical Dataverse records with lookups resolved, one page at a time."""
     flt = f"modifiedon gt {since}" if since else None
     async for page in runtime.dataverse.query(
         template.dataverse.entity_set, select=mapping.dataverse_select(template), filter=flt
@@ -100,9 +110,51 @@ async def dataverse_records(
             wanted = [row_id for _, found in split if (row_id := found.get(name))]
             if lookup is not None and wanted:
                 await runtime.engine.lookups.prepare(lookup, ids=wanted)
+        records = []
         for values, found in split:
             values.update(mapping.resolve_lookups(template, found, runtime.engine.lookups))
+            records.append(values)
+        yield records
+
+
+async def dataverse_records(
+    runtime: Runtime, template: Template, *, since: str | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Canonical Dataverse records with lookups resolved, page by page."""
+    async for page in dataverse_pages(runtime, template, since=since):
+        for values in page:
             yield values
+
+
+def synced_fields(template: Template) -> list[str]:
+    """The fields both sides hold (what `digest` covers and a report compares)."""
+    return [f.key for f in template.all_fields if f.fo and f.dataverse]
+
+
+async def fo_values_by_key(
+    runtime: Runtime, template: Template, keys: Sequence[Mapping[str, str]]
+) -> list[dict[str, Any] | None]:
+    """Canonical F&O records for natural keys (None where missing), read in `$batch`es of GETs."""
+    found: list[dict[str, Any] | None] = []
+    params = {"$select": ",".join(mapping.fo_select(template))}
+    for start in range(0, len(keys), READ_BACK_PER_BATCH):
+        chunk = keys[start : start + READ_BACK_PER_BATCH]
+        requests = [
+            BatchRequest(
+                "GET",
+                fno_client.key_path(
+                    template.fo.entity_set,
+                    mapping.fo_key(template, key),
+                    cross_company=template.fo.company_specific,
+                    params=params,
+                ),
+            )
+            for key in chunk
+        ]
+        for result in await runtime.fno.batch(requests, continue_on_error=True):
+            row = result.body if result.ok and isinstance(result.body, dict) else None
+            found.append(None if row is None else mapping.fo_to_canonical(template, row))
+    return found
 
 
 async def _queue(
@@ -113,39 +165,76 @@ async def _queue(
     report.queued += 1
 
 
-async def reconcile_full(runtime: Runtime, template: Template, *, fix: bool = True) -> ReconcileReport:
-    """Compare both sides completely; queue every record that differs (when `fix`)."""
+async def reconcile_full(
+    runtime: Runtime,
+    template: Template,
+    *,
+    fix: bool = True,
+    sink: DifferenceSink | None = None,
+    progress: ProgressSink | None = None,
+) -> ReconcileReport:
+    """Compare both sides completely; queue every record that differs (when `fix`).
+
+    Every difference also goes to `sink` (with both values of each differing field);
+    memory holds one digest per F&O key whatever the table sizes.
+    """
+    progress = progress or NoProgress()
     report = ReconcileReport(template.name, full=True)
     fo_digests: dict[tuple[str, ...], bytes] = {}
+    progress.start(f"{template.name}: reading F&O", await Source(runtime, template, "fo", page_size=1).count())
     async for values in fo_records(runtime, template):
+        progress.advance(1)
         try:
             key = mapping.natural_key(template, values, "fo")
         except MappingError:
             report.unmappable += 1
             continue
         fo_digests[tuple(key.values())] = digest(template, values)
-    async for values in dataverse_records(runtime, template):
-        try:
-            key = mapping.natural_key(template, values, "dataverse")
-        except MappingError:
-            report.unmappable += 1
-            continue
-        theirs = fo_digests.pop(tuple(key.values()), None)
-        if theirs is None:
-            report.only_dataverse += 1
-            report.note("only-dataverse", key)
-        elif theirs != digest(template, values):
-            report.different += 1
-            report.note("different", key)
-        else:
-            report.equal += 1
-            continue
-        if fix:
-            await _queue(runtime, template, key, "dataverse", report)
+    total = await Source(runtime, template, "dataverse", page_size=1).count()
+    progress.start(f"{template.name}: comparing with Dataverse", total)
+    fields = synced_fields(template)
+    async for page in dataverse_pages(runtime, template):
+        different: list[tuple[dict[str, str], dict[str, Any]]] = []
+        for values in page:
+            try:
+                key = mapping.natural_key(template, values, "dataverse")
+            except MappingError:
+                report.unmappable += 1
+                continue
+            theirs = fo_digests.pop(tuple(key.values()), None)
+            if theirs is None:
+                report.only_dataverse += 1
+                report.note("only-dataverse", key)
+                if sink is not None:
+                    sink.add(Difference(template.name, mapping.key_text(key), "only-dataverse"))
+            elif theirs != digest(template, values):
+                report.different += 1
+                report.note("different", key)
+                different.append((key, values))
+            else:
+                report.equal += 1
+                continue
+            if fix:
+                await _queue(runtime, template, key, "dataverse", report)
+        if sink is not None and different:
+            fo_side = await fo_values_by_key(runtime, template, [key for key, _ in different])
+            for (key, dv_values), fo_values in zip(different, fo_side, strict=True):
+                if fo_values is None:  # deleted in F&O since it was read
+                    sink.add(Difference(template.name, mapping.key_text(key), "only-dataverse"))
+                    continue
+                changed = {
+                    name: (fo_values.get(name), dv_values.get(name))
+                    for name in fields
+                    if fo_values.get(name) != dv_values.get(name)
+                }
+                sink.add(Difference(template.name, mapping.key_text(key), "different", changed))
+        progress.advance(len(page))
     for parts in fo_digests:
         key = dict(zip(template.key_names, parts, strict=True))
         report.only_fo += 1
         report.note("only-fo", key)
+        if sink is not None:
+            sink.add(Difference(template.name, mapping.key_text(key), "only-fo"))
         if fix:
             await _queue(runtime, template, key, "fo", report)
     return report

@@ -18,7 +18,7 @@ import builtins
 import copy
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -105,6 +105,15 @@ class StateStore(Protocol):
 
         Raises ConcurrencyError when inserting a key that exists, or replacing a
         record that changed or vanished since it was read.
+        """
+        ...
+
+    async def put_many(self, records: Sequence[SyncRecord]) -> int:
+        """Insert or replace every record, ignoring ETags (last writer wins); returns how many were stored.
+
+        For bulk loads (the initial sync), where the caller is the authority for these
+        records at this moment. A key given twice keeps its last record. Raises
+        TypeError / StateSizeError before writing anything when a record cannot be stored.
         """
         ...
 
@@ -342,6 +351,24 @@ class MemoryStateStore:
         if saved.row_id is not None:
             self._row_ids[(record.template, saved.row_id)] = record.key
         return copy.deepcopy(saved)
+
+    async def put_many(self, records: Sequence[SyncRecord]) -> int:
+        texts = [encode_record(record) for record in records]  # all checked before any is stored
+        await asyncio.sleep(0)
+        latest = {(r.template, r.key): (r, t) for r, t in zip(records, texts, strict=True)}
+        for where, (record, text) in latest.items():
+            saved = replace(
+                record,
+                values=json.loads(text["values"]),
+                versions=json.loads(text["versions"]),
+                modified=json.loads(text["modified"]),
+                updated_at=self._clock(),
+                etag=self._etags.next(),
+            )
+            self._rows[where] = saved
+            if saved.row_id is not None:
+                self._row_ids[(record.template, saved.row_id)] = record.key
+        return len(latest)
 
     async def delete(self, record: SyncRecord) -> None:
         if record.etag is None:

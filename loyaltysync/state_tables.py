@@ -28,7 +28,7 @@ import json
 import re
 import string
 import unicodedata
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
@@ -63,6 +63,8 @@ from loyaltysync.templates import Side
 
 DEFAULT_TABLE_PREFIX = "loyaltysync"
 MAX_KEY_UNITS = 512  # 1 KiB of UTF-16
+MAX_TRANSACTION_ENTITIES = 100  # Table Storage's limit per entity-group transaction
+PUT_MANY_IN_FLIGHT = 4  # transactions of one put_many sent at once
 _SAFE_ASCII = frozenset(string.ascii_letters + string.digits + "-_.|")
 _ESCAPED_RUN = re.compile(r"(?:~[0-9A-F]{2})+")
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,62}$")
@@ -218,31 +220,7 @@ class TableStateStore(_TableStore):
 
     async def put(self, record: SyncRecord) -> SyncRecord:
         """Insert (etag None) or replace (etag as read); ConcurrencyError if another writer got there first."""
-        texts = encode_record(record)
-        saved = SyncRecord(
-            template=record.template,
-            key=record.key,
-            values=json.loads(texts["values"]),
-            versions=json.loads(texts["versions"]),
-            modified=json.loads(texts["modified"]),
-            row_id=record.row_id,
-            deleted=record.deleted,
-            updated_at=self._clock(),
-        )
-        entity: dict[str, Any] = {
-            "PartitionKey": table_key(record.template),
-            "RowKey": table_key(record.key, _RECORD),
-            "Template": record.template,
-            "Key": record.key,
-            "Values": texts["values"],
-            "Versions": texts["versions"],
-            "Modified": texts["modified"],
-            "Deleted": record.deleted,
-            "UpdatedAt": saved.updated_at,
-        }
-        if record.row_id is not None:
-            check_text(f"sync state {record.template}/{record.key}: row id", record.row_id)
-            entity["RowId"] = record.row_id
+        saved, entity = _record_entity(record, self._clock())
         if record.etag is None:
             operation: tuple[str, dict[str, Any], dict[str, Any]] = ("create", entity, {})
         else:
@@ -255,18 +233,55 @@ class TableStateStore(_TableStore):
             elif record.row_id is None:
                 metadata = await table.update_entity(entity, **operation[2])
             else:
-                index = {
-                    "PartitionKey": entity["PartitionKey"],
-                    "RowKey": table_key(record.row_id, _ROW_ID),
-                    "Key": record.key,
-                    "RowId": record.row_id,
-                }
+                index = _index_entity(entity, record.row_id)
                 results = await table.submit_transaction(
                     [operation, ("upsert", index, {"mode": UpdateMode.REPLACE})]
                 )
                 metadata = results[0]
         saved.etag = metadata["etag"]
         return saved
+
+    async def put_many(self, records: Sequence[SyncRecord]) -> int:
+        """Insert or replace every record without ETag checks (bulk loads); returns how many were stored.
+
+        Records go in entity-group transactions of at most 100 entities per partition
+        (template), a record always together with its row-id index row, several
+        transactions in flight. Every record is checked before the first is sent.
+        """
+        now = self._clock()
+        latest: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        index_owner: dict[tuple[str, str], tuple[str, str]] = {}  # one index row per row id: the last record's
+        for record in records:
+            _, entity = _record_entity(record, now)
+            rows = [entity]
+            if record.row_id is not None:
+                index = _index_entity(entity, record.row_id)
+                rows.append(index)
+                index_owner[(index["PartitionKey"], index["RowKey"])] = (record.template, record.key)
+            latest[(record.template, record.key)] = rows
+        by_partition: dict[str, list[list[dict[str, Any]]]] = {}
+        for where, rows in latest.items():
+            kept = [rows[0], *(r for r in rows[1:] if index_owner[(r["PartitionKey"], r["RowKey"])] == where)]
+            by_partition.setdefault(rows[0]["PartitionKey"], []).append(kept)
+        batches: list[list[tuple[str, dict[str, Any], dict[str, Any]]]] = []
+        for groups in by_partition.values():
+            batch: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+            for rows in groups:
+                if len(batch) + len(rows) > MAX_TRANSACTION_ENTITIES:
+                    batches.append(batch)
+                    batch = []
+                batch += [("upsert", row, {"mode": UpdateMode.REPLACE}) for row in rows]
+            if batch:
+                batches.append(batch)
+        table = await self._table()
+        gate = asyncio.Semaphore(PUT_MANY_IN_FLIGHT)
+
+        async def submit(batch: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
+            async with gate:
+                await table.submit_transaction(batch)
+
+        await asyncio.gather(*(submit(batch) for batch in batches))
+        return len(latest)
 
     async def delete(self, record: SyncRecord) -> None:
         """Remove the record if its etag still matches (ConcurrencyError if not); gone already is fine."""
@@ -319,6 +334,46 @@ _RECORDS_FILTER = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
 def _records_of(template: str) -> dict[str, str]:
     # Every record row starts with "key_"; "key`" is the next string after all of them.
     return {"pk": table_key(template), "lo": _RECORD, "hi": _RECORD[:-1] + chr(ord(_RECORD[-1]) + 1)}
+
+
+def _record_entity(record: SyncRecord, updated_at: str) -> tuple[SyncRecord, dict[str, Any]]:
+    """The record as stored (values round-tripped through JSON, etag unset) and its entity."""
+    texts = encode_record(record)
+    saved = SyncRecord(
+        template=record.template,
+        key=record.key,
+        values=json.loads(texts["values"]),
+        versions=json.loads(texts["versions"]),
+        modified=json.loads(texts["modified"]),
+        row_id=record.row_id,
+        deleted=record.deleted,
+        updated_at=updated_at,
+    )
+    entity: dict[str, Any] = {
+        "PartitionKey": table_key(record.template),
+        "RowKey": table_key(record.key, _RECORD),
+        "Template": record.template,
+        "Key": record.key,
+        "Values": texts["values"],
+        "Versions": texts["versions"],
+        "Modified": texts["modified"],
+        "Deleted": record.deleted,
+        "UpdatedAt": updated_at,
+    }
+    if record.row_id is not None:
+        check_text(f"sync state {record.template}/{record.key}: row id", record.row_id)
+        entity["RowId"] = record.row_id
+    return saved, entity
+
+
+def _index_entity(record_entity: dict[str, Any], row_id: str) -> dict[str, Any]:
+    """The row-id index row of a record entity (same partition, so both fit one transaction)."""
+    return {
+        "PartitionKey": record_entity["PartitionKey"],
+        "RowKey": table_key(row_id, _ROW_ID),
+        "Key": record_entity["Key"],
+        "RowId": row_id,
+    }
 
 
 def _record_from(entity: TableEntity) -> SyncRecord:

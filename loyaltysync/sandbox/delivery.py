@@ -4,8 +4,10 @@
 and queues the item. One background task per `Delivery`, started lazily on
 the running loop at the first submit, sends ready items one at a time; a
 retry goes back in the queue with its pause as a delay, so a failing
-endpoint does not hold up the others. With `delivery_reorder`, the task picks
-at random among the items that are ready together instead of the oldest.
+endpoint does not hold up the others. Waiting items sit in a heap ordered by
+(not before, submission order), so picking the next one costs O(log n) even
+with tens of thousands waiting. With `delivery_reorder`, the task picks at
+random among the items that are ready together instead of the oldest.
 Items that exhaust their retries land in `failed` with the last error, and
 can be sent again with `resend`.
 """
@@ -13,6 +15,7 @@ can be sent again with `resend`.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,7 +94,7 @@ class Delivery:
         self.rng = rng
         self.client_factory = client_factory
         self.failed: list[Outgoing] = []
-        self._waiting: list[tuple[float, int, Outgoing]] = []  # (not before, sequence, item)
+        self._waiting: list[tuple[float, int, Outgoing]] = []  # heap of (not before, sequence, item)
         self._sequence = itertools.count()
         self._in_flight = 0
         self._task: asyncio.Task[None] | None = None
@@ -162,7 +165,7 @@ class Delivery:
     def _enqueue(self, item: Outgoing, delay_s: float) -> None:
         self._ensure_worker()
         assert self._loop is not None and self._wakeup is not None and self._idle is not None  # noqa: S101
-        self._waiting.append((self._loop.time() + delay_s, next(self._sequence), item))
+        heapq.heappush(self._waiting, (self._loop.time() + delay_s, next(self._sequence), item))
         self._idle.clear()
         self._wakeup.set()
 
@@ -190,21 +193,24 @@ class Delivery:
                 await wakeup.wait()
                 continue
             now = loop.time()
-            ready = [entry for entry in self._waiting if entry[0] <= now]
-            if not ready:
+            soonest = self._waiting[0][0]
+            if soonest > now:
                 wakeup.clear()
-                soonest = min(entry[0] for entry in self._waiting)
                 try:
                     async with asyncio.timeout(soonest - now):
                         await wakeup.wait()
                 except TimeoutError:
                     pass
                 continue
-            if self.faults.delivery_reorder and len(ready) > 1:
-                entry = self.rng.choice(ready)
-            else:
-                entry = min(ready, key=lambda e: (e[0], e[1]))
-            self._waiting.remove(entry)
+            entry = heapq.heappop(self._waiting)
+            if self.faults.delivery_reorder and self._waiting and self._waiting[0][0] <= now:
+                # Every item ready now, oldest first (so a seeded choice is reproducible); one is picked.
+                ready = [entry]
+                while self._waiting and self._waiting[0][0] <= now:
+                    ready.append(heapq.heappop(self._waiting))
+                entry = ready.pop(self.rng.randrange(len(ready)))
+                for other in ready:
+                    heapq.heappush(self._waiting, other)
             self._in_flight += 1
             try:
                 await self._attempt(entry[2])
