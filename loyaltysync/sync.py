@@ -148,7 +148,10 @@ class Engine:
         if record is not None and is_stale(event.source_version, record.versions.get(event.side)):
             return Outcome(template.name, event.side, key_text, "echo" if ours else "stale")
 
-        use_payload = event.complete and not ours and event.operation != "delete"
+        # A payload can predate a delete already applied (webhooks come late and out of order, and a
+        # delete carries no version to make them stale): for a tombstone only a re-read says it exists.
+        tombstone = record is not None and record.deleted
+        use_payload = event.complete and not ours and event.operation != "delete" and not tombstone
         if event.side == "fo":
             fo = await self._payload_record(template, event) if use_payload else await self.read_fo(template, key)
             dv = await self.read_dataverse(template, key)
