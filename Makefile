@@ -3,12 +3,14 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 NODE_OK := node_modules/.installed
 
-.PHONY: help demo test lint typecheck unit bench bench-core sandbox dev clean
+.PHONY: help demo test lint typecheck unit bench bench-core chaos sandbox dev clean
 
 help:
 	@echo "make demo        the whole sync, both ways, on the built-in sandbox"
 	@echo "make test        lint (ruff), types (mypy --strict) and every test"
+	@echo "make bench       all four benchmarks and their summary (about 20 minutes)"
 	@echo "make bench-core  core path benchmark (parse + map + decide)"
+	@echo "make chaos       the full chaos run: 20,000 operations under faults"
 	@echo "make sandbox     start the F&O and Dataverse emulators"
 
 $(VENV_OK): requirements.txt requirements-dev.txt pyproject.toml
@@ -33,8 +35,14 @@ unit: $(VENV_OK) $(NODE_OK)
 
 test: lint typecheck unit
 
+bench: $(VENV_OK) $(NODE_OK)
+	$(PY) bench/run_all.py
+
 bench-core: $(VENV_OK)
 	$(PY) bench/core_path.py
+
+chaos: $(VENV_OK) $(NODE_OK)
+	$(PY) -m tests.chaos.run --operations 20000
 
 sandbox: $(VENV_OK)
 	$(PY) -m loyaltysync sandbox

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -212,19 +213,83 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    """Compare both sides record by record; queue the corrections with --fix."""
+    """Compare both sides record by record; queue the corrections with --fix; list the differences with --report."""
+    from loyaltysync.progress import Progress
     from loyaltysync.reconcile import reconcile_full
+    from loyaltysync.reconcile_report import ReportWriter
+
+    try:
+        writer = ReportWriter(Path(args.report)) if args.report else None
+    except ValueError as exc:
+        raise ConfigError("--report", str(exc)) from exc
+    progress = Progress()
 
     async def act(runtime: Any) -> list[Any]:
         names = list(runtime.templates) if args.all or not args.template else [args.template]
-        return [await reconcile_full(runtime, runtime.templates[n], fix=args.fix) for n in names]
+        unknown = [name for name in names if name not in runtime.templates]
+        if unknown:
+            raise ConfigError("--template", f"no template named {unknown[0]!r}")
+        reports = []
+        with progress, writer or contextlib.nullcontext():
+            for name in names:
+                report = await reconcile_full(
+                    runtime, runtime.templates[name], fix=args.fix, sink=writer, progress=progress
+                )
+                if writer is not None:
+                    writer.counts(
+                        name,
+                        only_fo=report.only_fo,
+                        only_dataverse=report.only_dataverse,
+                        different=report.different,
+                        equal=report.equal,
+                        queued=report.queued,
+                        unmappable=report.unmappable,
+                    )
+                reports.append(report)
+        return reports
 
     reports = _with_runtime(act)
-    for report in reports:
-        print(report.summary())
-    if args.report:
-        Path(args.report).write_text(json.dumps([vars(r) for r in reports], indent=2, default=str), encoding="utf-8")
+    progress.summary(
+        "reconcile",
+        ["template", "only in F&O", "only in Dataverse", "different", "equal", "queued", "unmappable"],
+        [[r.template, r.only_fo, r.only_dataverse, r.different, r.equal, r.queued, r.unmappable] for r in reports],
+    )
+    if writer is not None:
+        print(f"{writer.written} difference(s) written to {args.report}")
     return 0
+
+
+def cmd_initial_sync(args: argparse.Namespace) -> int:
+    """Copy every record of one template (or all) from one side to the other in bulk; resumable."""
+    from loyaltysync.bulk import SUMMARY_COLUMNS, SyncOptions, exit_code, initial_sync_many, summary_rows
+    from loyaltysync.progress import Progress
+
+    options = SyncOptions(
+        dry_run=args.dry_run, resume=args.resume, page_size=args.page_size, batch_size=args.batch_size
+    )
+    progress = Progress()
+
+    async def act(runtime: Any) -> list[Any]:
+        names = list(runtime.templates) if args.all else [args.template]
+        unknown = [name for name in names if name not in runtime.templates]
+        if unknown:
+            raise ConfigError("--template", f"no template named {unknown[0]!r}")
+        with progress:
+            return await initial_sync_many(
+                runtime, [runtime.templates[n] for n in names], args.direction, options, progress=progress
+            )
+
+    reports = _with_runtime(act)
+    progress.summary("initial sync", SUMMARY_COLUMNS, summary_rows(reports))
+    for report in reports:
+        for failure in report.failures:
+            print(f"failed: {report.template} {failure.key_text}: {failure.reason}")
+        if report.failed > len(report.failures):
+            print(f"... and {report.failed - len(report.failures)} more parked: see `loyaltysync status`")
+        if report.error:
+            print(f"{report.template} stopped: {report.error}")
+            print("run the same command with --resume to continue after the last committed page")
+    return exit_code(reports)
 
 
 def cmd_register_webhooks(args: argparse.Namespace) -> int:
@@ -307,8 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--template")
     rec.add_argument("--all", action="store_true")
     rec.add_argument("--fix", action="store_true", help="queue the corrections")
-    rec.add_argument("--report", help="write the differences as JSON to this file")
+    rec.add_argument("--report", help="write the differences to this file: .json or .csv")
     rec.set_defaults(func=cmd_reconcile)
+
+    init = sub.add_parser("initial-sync", help="copy a template's records from one side to the other in bulk")
+    which = init.add_mutually_exclusive_group(required=True)
+    which.add_argument("--template", help="the template to copy")
+    which.add_argument("--all", action="store_true", help="every template, one after the other")
+    init.add_argument("--direction", required=True, choices=["fo-to-dataverse", "dataverse-to-fo"])
+    init.add_argument("--dry-run", action="store_true", help="read and map everything, write nothing")
+    init.add_argument("--resume", action="store_true", help="continue after the last committed page of a stopped run")
+    init.add_argument("--page-size", type=int, default=5000, help="source rows per page (default 5000)")
+    init.add_argument("--batch-size", type=int, default=1000, help="records per write request (default 1000)")
+    init.set_defaults(func=cmd_initial_sync)
 
     reg = sub.add_parser("register-webhooks", help="register the Dataverse webhooks of every template")
     reg.add_argument("--function-url", help="function app base URL, e.g. https://myapp.azurewebsites.net")

@@ -21,6 +21,7 @@ entity set) stop the run at once.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
@@ -72,7 +73,7 @@ def _fatal(error: TargetError) -> bool:
     return error.status == 404 and error.code.lower() == "0x8006088a"  # unknown entity set
 
 
-class _Base:
+class _Base(abc.ABC):
     """Retry, throttling and bisection shared by both writers; subclasses send one request."""
 
     name = "writer"
@@ -139,8 +140,9 @@ class _Base:
         self.controller.hold(error.retry_after if error and error.retry_after else ERROR_BACKOFF_S * rounds)
         return rounds
 
+    @abc.abstractmethod
     async def _send(self, items: list[Item]) -> tuple[list[Failure], list[Item]]:
-        raise NotImplementedError
+        """Write one request's items: (records the target refused, records to send again: throttled or transient)."""
 
 
 def _split_results(items: list[Item], results: list[BatchResult]) -> tuple[list[Failure], list[Item], list[Item]]:
