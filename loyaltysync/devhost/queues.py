@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from azure.functions.queue import QueueMessage as TriggerMessage
@@ -30,6 +31,13 @@ log = logging.getLogger("loyaltysync.devhost")
 
 POISON_SUFFIX = "-poison"
 LEASE_SECONDS = 600  # the extension's receive visibility; renewed at half-time while the function runs
+
+
+@dataclass
+class _Lease:
+    """A received message's current pop receipt (each lease renewal gives a new one)."""
+
+    receipt: str
 
 
 class QueueListener:
@@ -93,17 +101,18 @@ class QueueListener:
         if dequeue_count > self._options.max_dequeue_count:
             await self._to_poison(message, str(message.pop_receipt))
             return
-        receipt = str(message.pop_receipt)
+        lease = _Lease(str(message.pop_receipt))
         try:
             trigger = self._trigger_message(message, dequeue_count)
-            receipt = await self._invoke_leased(trigger, message.id, receipt)
+            await self._invoke_leased(trigger, message.id, lease)
         except Exception:  # the invoker logged it; the dequeue count decides what happens next
+            # The receipt of the last lease renewal: a long invocation's first receipt is stale.
             if dequeue_count >= self._options.max_dequeue_count:
-                await self._to_poison(message, receipt)
+                await self._to_poison(message, lease.receipt)
             else:
-                await self._release(message.id, receipt)
+                await self._release(message.id, lease.receipt)
             return
-        await self._queue.delete_message(message.id, receipt)
+        await self._queue.delete_message(message.id, lease.receipt)
 
     def _trigger_message(self, message: StoredMessage, dequeue_count: int) -> TriggerMessage:
         try:
@@ -126,23 +135,22 @@ class QueueListener:
             pop_receipt=message.pop_receipt,
         )
 
-    async def _invoke_leased(self, trigger: TriggerMessage, message_id: str, receipt: str) -> str:
-        """Invoke, renewing the message's lease while the function runs; returns the latest pop receipt."""
+    async def _invoke_leased(self, trigger: TriggerMessage, message_id: str, lease: _Lease) -> None:
+        """Invoke, renewing the message's lease while the function runs; `lease` keeps the latest pop receipt."""
         task: asyncio.Task[Any] = asyncio.create_task(self._invoker.invoke(self.function, trigger))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=LEASE_SECONDS / 2)
                 if done:
                     break
-                renewed = await self._queue.update_message(message_id, receipt, visibility_timeout=LEASE_SECONDS)
-                receipt = str(renewed.pop_receipt)
+                renewed = await self._queue.update_message(message_id, lease.receipt, visibility_timeout=LEASE_SECONDS)
+                lease.receipt = str(renewed.pop_receipt)
         finally:
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         task.result()
-        return receipt
 
     async def _release(self, message_id: str, receipt: str) -> None:
         """Make a failed message visible again after host.json `visibilityTimeout`, for the next attempt."""

@@ -8,9 +8,10 @@ import importlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from azure.storage.queue.aio import QueueClient
 
-from loyaltysync.devhost import DevHost
+from loyaltysync.devhost import DevHost, queues
 
 StartHost = Callable[..., Awaitable[DevHost]]
 QueueOpener = Callable[[str], Awaitable[QueueClient]]
@@ -75,6 +76,52 @@ async def test_failed_message_is_retried_then_poisoned(
 
 async def _empty(queue: QueueClient) -> bool:
     return not await queue.peek_messages()
+
+
+SLOW_FAIL_APP = """
+import asyncio
+import azure.functions as func
+
+app = func.FunctionApp()
+ATTEMPTS = []
+
+@app.queue_trigger(arg_name="msg", queue_name="%JOBS%", connection="AzureWebJobsStorage")
+async def job(msg: func.QueueMessage) -> None:
+    ATTEMPTS.append(msg.dequeue_count)
+    if msg.dequeue_count < 3:
+        await asyncio.sleep(1.3)  # past half the lease: the lease was renewed, with a new pop receipt
+        raise RuntimeError("slow and failing")
+"""
+
+
+async def test_a_long_failing_invocation_is_released_and_poisoned_with_its_renewed_receipt(
+    write_app: Callable[[str], str],
+    start_host: StartHost,
+    raw_queue: QueueOpener,
+    unique_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first pop receipt is stale once the lease is renewed: releasing the message with it failed
+    (PopReceiptMismatch), and on the last attempt the poison copy was sent but the original not deleted."""
+    monkeypatch.setattr(queues, "LEASE_SECONDS", 2)
+    module = write_app(SLOW_FAIL_APP)
+    jobs, poison = await raw_queue(f"slow-{unique_name}"), await raw_queue(f"slow-{unique_name}-poison")
+    await jobs.send_message(b64("slow"))
+    await start_host(module, settings={"JOBS": f"slow-{unique_name}"}, host_json=fast_polling(maxDequeueCount=2))
+    app = importlib.import_module(module)
+
+    async def poisoned() -> bool:
+        return bool(await poison.peek_messages())
+
+    async def gone() -> bool:  # invisible messages count too: a stale receipt leaves the message leased
+        return (await jobs.get_queue_properties()).approximate_message_count == 0
+
+    await eventually(poisoned, within=20)
+    await eventually(gone, within=20)
+    await asyncio.sleep(2.5)  # past the lease: a message left behind would be back by now
+    assert await gone()
+    assert app.ATTEMPTS == [1, 2]  # released after the first, moved once after the second, never run again
+    assert len(await poison.peek_messages(max_messages=32)) == 1
 
 
 OVERDUE_APP = """
