@@ -2,9 +2,11 @@
 
 `submit` never waits: it applies the delivery faults (drop, duplicate, delay)
 and queues the item. One background task per `Delivery`, started lazily on
-the running loop at the first submit, sends ready items one at a time; a
-retry goes back in the queue with its pause as a delay, so a failing
-endpoint does not hold up the others. Waiting items sit in a heap ordered by
+the running loop at the first submit, sends ready items, up to
+`max_in_flight` at once (Dataverse's asynchronous service and F&O's event
+dispatch both deliver in parallel, so deliveries overlap and may finish out
+of order); a retry goes back in the queue with its pause as a delay, so a
+failing endpoint does not hold up the others. Waiting items sit in a heap ordered by
 (not before, submission order), so picking the next one costs O(log n) even
 with tens of thousands waiting. With `delivery_reorder`, the task picks at
 random among the items that are ready together instead of the oldest.
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from loyaltysync.sandbox.common import Counters, Faults
 
 MAX_FAILED = 10_000
+MAX_IN_FLIGHT = 8  # deliveries sent at once by one emulator
 _GATEWAY = frozenset({502, 503, 504})
 
 
@@ -88,8 +91,10 @@ class Delivery:
         counters: Counters,
         rng: random.Random,
         client_factory: Callable[[], httpx.AsyncClient] = _default_client,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self.faults = faults
+        self.max_in_flight = max_in_flight
         self.counters = counters
         self.rng = rng
         self.client_factory = client_factory
@@ -102,6 +107,8 @@ class Delivery:
         self._client: httpx.AsyncClient | None = None
         self._wakeup: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> int:
@@ -150,12 +157,14 @@ class Delivery:
     async def aclose(self) -> None:
         """Stop the background task and close the HTTP client. Pending items are kept."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        sending, self._sending = list(self._sending), set()
+        for running in [task, *sending]:
+            if running is not None and not running.done():
+                running.cancel()
+                try:
+                    await running
+                except asyncio.CancelledError:
+                    pass
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -178,13 +187,16 @@ class Delivery:
             self._task = None
             self._wakeup = asyncio.Event()
             self._idle = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.max_in_flight)
+            self._sending = set()
             self._in_flight = 0
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run(), name="sandbox-delivery")
 
     async def _run(self) -> None:
         assert self._loop is not None and self._wakeup is not None and self._idle is not None  # noqa: S101
-        loop, wakeup, idle = self._loop, self._wakeup, self._idle
+        assert self._slots is not None  # noqa: S101 - set by _ensure_worker
+        loop, wakeup, idle, slots = self._loop, self._wakeup, self._idle, self._slots
         while True:
             if not self._waiting:
                 if self._in_flight == 0:
@@ -212,10 +224,18 @@ class Delivery:
                 for other in ready:
                     heapq.heappush(self._waiting, other)
             self._in_flight += 1
-            try:
-                await self._attempt(entry[2])
-            finally:
-                self._in_flight -= 1
+            await slots.acquire()
+            task = loop.create_task(self._send(entry[2], slots, wakeup), name="sandbox-delivery-send")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, item: Outgoing, slots: asyncio.Semaphore, wakeup: asyncio.Event) -> None:
+        try:
+            await self._attempt(item)
+        finally:
+            self._in_flight -= 1
+            slots.release()
+            wakeup.set()  # the loop decides whether everything is done
 
     async def _attempt(self, item: Outgoing) -> None:
         if self._client is None:

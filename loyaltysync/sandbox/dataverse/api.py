@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -68,6 +68,10 @@ class DataverseApi:
             response = await self.handle(request)
         except DataverseError as exc:
             response = render(exc)
+        except ClientDisconnect:
+            # The caller went away before sending its body (a killed worker): nothing to answer.
+            log.info("caller disconnected during %s %s", request.method, request.url.path)
+            return
         except Exception:
             log.exception("Dataverse emulator failed on %s %s", request.method, request.url.path)
             response = error_response(500, UNEXPECTED, "An unexpected error occurred.")
