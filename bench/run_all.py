@@ -28,7 +28,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 FULL = {
-    "live": ["20", "50", "10", "500"],  # emulator latency ms, changes/s, seconds, burst
+    "live": ["20", "50", "10", "500"],  # emulator latency ms, events/s offered, seconds, burst
     "initial": ["100000", "50", "500"],  # cards, emulator latency ms, naive sample
     "memory": ["100000", "1000000"],
 }

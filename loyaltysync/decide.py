@@ -44,12 +44,17 @@ Reason = Literal[
 
 @dataclass(frozen=True, slots=True)
 class SideRecord:
-    """One side's current record: `values` None when the record is not there."""
+    """One side's current record: `values` None when the record is not there.
+
+    `time_is_floor`: `modified_on` is not the record's own modified time but the latest
+    event time seen for it (F&O rows carry none), so its current values may be newer.
+    """
 
     values: Canonical | None
     modified_on: str | None = None
     version: str | None = None
     row_id: str | None = None
+    time_is_floor: bool = False
 
     @property
     def exists(self) -> bool:
@@ -194,9 +199,9 @@ def _authoritative(f: FieldMap, x: Any, y: Any, agreed: Agreed) -> Side | None:
         return "fo"
     if to_fo and not to_dv:
         return "dataverse"
-    if not agreed.exists:
-        return None
-    a = agreed.values.get(f.key)
+    if not agreed.exists or f.key not in agreed.values:
+        return None  # nothing known to compare with: a conflict for the policy
+    a = agreed.values[f.key]
     if x != a and y == a:
         return "fo"
     if y != a and x == a:
@@ -219,9 +224,17 @@ def _settle(
             return Conflict(f.key, x, y, None, "last-writer-wins: waiting for the other side's event time")
         if fo_time is None and dv_time is None:
             return Conflict(f.key, x, y, "fo", "last-writer-wins: no times known, F&O is the record of origin")
-        winner: Side = "dataverse" if fo_time is None else "fo"
-        return Conflict(f.key, x, y, winner, "last-writer-wins: the side with a known time is newer")
-    if is_newer(dv_time, fo_time):
+        known: Side = "dataverse" if fo_time is None else "fo"
+        return Conflict(f.key, x, y, known, "last-writer-wins: the side with a known time is newer")
+    winner: Side = "dataverse" if is_newer(dv_time, fo_time) else "fo"
+    loser = other_side(winner)
+    if live and records[loser].time_is_floor:
+        # The loser's time is only a lower bound (an event's time, perhaps a late one): a later
+        # change on that side may still be on its way. Its event, or the re-check after the
+        # grace period (then not live), decides.
+        rule = f"last-writer-wins: waiting for {loser}'s events after {records[loser].modified_on}"
+        return Conflict(f.key, x, y, None, rule)
+    if winner == "dataverse":
         return Conflict(f.key, x, y, "dataverse", f"last-writer-wins: {dv_time} > {fo_time}")
     return Conflict(f.key, x, y, "fo", f"last-writer-wins: {fo_time} >= {dv_time}")
 
@@ -246,10 +259,46 @@ def _one_side_missing(template: Template, records: dict[Side, SideRecord], agree
 
 
 def agreed_from_state(values: Canonical | None, deleted: bool) -> Agreed:
-    """Build the `Agreed` view of a stored sync state (None when there is none)."""
-    if values is None:
+    """Build the `Agreed` view of a stored sync state (None or empty when both sides never agreed)."""
+    if not values:
         return NO_STATE
     return Agreed(values=dict(values), exists=not deleted)
+
+
+def with_pending(
+    agreed: Agreed, pending: dict[str, Canonical], records: dict[Side, SideRecord], *, deleted: Side | None = None
+) -> Agreed:
+    """The agreed state, counting what an interrupted sync step did as agreed where it landed.
+
+    A step stores what it is about to do (`pending`: per side the values it writes, with
+    `@create` for a create, or `@delete`) before doing it. If it died before storing the
+    outcome:
+    - a side holding exactly the pending values holds the sync's own copy of the other
+      side's values, not a new edit: those values were agreed (and a create that landed
+      means the record existed on both sides), so the copy cannot win a conflict against
+      the edit that came after it, nor a later delete on the other side look like a create;
+    - a side the step was deleting that is gone was deleted by the sync: the record is a
+      tombstone, so a re-create on the other side is copied, not taken for a delete;
+    - a side the step was creating the record on, whose delete event is being processed
+      (`deleted`), had the record: the create landed, and the delete propagates.
+    """
+    merged = dict(agreed.values)
+    landed = False
+    for side, record in records.items():
+        intent = pending.get(side) or {}
+        if intent.get("@delete"):
+            if not record.exists:
+                return Agreed(values=merged, exists=False)
+            continue
+        if record.values is None:
+            landed = landed or (bool(intent.get("@create")) and side == deleted)
+            continue
+        landed = landed or bool(intent.get("@create"))
+        for name, value in intent.items():
+            if not name.startswith("@") and record.values.get(name) == value:
+                merged[name] = value
+                landed = True
+    return Agreed(values=merged, exists=True) if landed else agreed
 
 
 __all__ = [
@@ -263,4 +312,5 @@ __all__ = [
     "decide",
     "is_newer",
     "is_stale",
+    "with_pending",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 
 from loyaltysync.errors import TargetError
-from loyaltysync.runtime import SUCCESS_SCOPE, Runtime
+from loyaltysync.runtime import Runtime
 
 
 async def health(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
@@ -44,8 +44,12 @@ def _describe(error: BaseException) -> str:
 
 
 async def status(runtime: Runtime) -> dict[str, Any]:
-    """Per template: backlog and oldest age, poison backlog, dead letters, last success per side, paused."""
-    successes = await runtime.control.list(SUCCESS_SCOPE)
+    """Per template: backlog and oldest age, poison backlog, dead letters, last success per side, paused.
+
+    Last success includes what this process has not written yet (it writes it at most once per
+    LAST_SUCCESS_WRITE_SECONDS); paused is read from the table, not from the worker's cache.
+    """
+    successes = await runtime.last_successes()
     now = datetime.now(UTC)
     templates: dict[str, Any] = {}
     for name in runtime.templates:
@@ -53,7 +57,7 @@ async def status(runtime: Runtime) -> dict[str, Any]:
         poison, _ = await _queue_depth(runtime, name, poison=True, now=now)
         letters = await runtime.dead_letters.list(name)
         templates[name] = {
-            "paused": await runtime.paused(name),
+            "paused": await runtime.paused(name, fresh=True),
             "backlog": backlog,
             "oldest_age_s": oldest,
             "poison_backlog": poison,

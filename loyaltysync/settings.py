@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     fno_max_concurrency: int = Field(default=16, ge=1, le=256, validation_alias="FNO_MAX_CONCURRENCY")
     http_timeout_seconds: float = Field(default=30.0, gt=0, le=230, validation_alias="HTTP_TIMEOUT_SECONDS")
     pause_recheck_seconds: int = Field(default=30, ge=1, le=3600, validation_alias="PAUSE_RECHECK_SECONDS")
+    pause_cache_seconds: float = Field(default=5.0, ge=0, le=300, validation_alias="PAUSE_CACHE_SECONDS")
+    last_success_write_seconds: float = Field(
+        default=5.0, ge=0, le=3600, validation_alias="LAST_SUCCESS_WRITE_SECONDS"
+    )
+    conflict_grace_seconds: int = Field(default=30, ge=1, le=3600, validation_alias="CONFLICT_GRACE_SECONDS")
     servicebus_queue: str | None = Field(default=None, validation_alias="SERVICEBUS_QUEUE")
     eventgrid_enabled: bool = Field(default=False, validation_alias="EVENTGRID_ENABLED")
     redact_personal_data: bool = Field(default=True, validation_alias="REDACT_PERSONAL_DATA")

@@ -5,14 +5,21 @@ all three exercise the same wiring a user gets: real HTTP between the function
 app and the emulators, real Storage queues and tables, webhooks registered
 through the Dataverse Web API and F&O data events subscribed through the
 emulator's admin endpoint.
+
+By default everything runs in the caller's process. `emulators_in_child=True` serves
+both emulators from a child process instead (the benchmark uses it): in production
+F&O and Dataverse are not on the function app's CPU, so a measurement of the function
+app should not pay for them either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,18 +74,111 @@ class Server:
 
 
 @dataclass
+class RemoteServer:
+    """An emulator served by the child process of `ChildEmulators`: only its address is here."""
+
+    name: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class ChildEmulators:
+    """Both emulators in a child process (`python -m loyaltysync.stack emulators CONFIG`), until stopped."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Spawn the child and wait for its ready line. Raises RuntimeError if it does not come."""
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "loyaltysync.stack",
+            "emulators",
+            json.dumps(self._config),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(REPO),
+        )
+        assert self._process.stdout is not None  # noqa: S101 - asked for above
+        try:
+            async with asyncio.timeout(60):
+                line = await self._process.stdout.readline()
+        except TimeoutError:
+            line = b""
+        if not line.strip():
+            await self.stop()
+            raise RuntimeError("the emulators' child process did not start")
+
+    async def stop(self) -> None:
+        """Close the child's stdin (it stops its servers and exits); kill it if it does not."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            async with asyncio.timeout(30):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def _emulator_servers(
+    token: str, seed: int | None, templates: dict[str, Template], fo_port: int, dv_port: int
+) -> tuple[Server, Server]:
+    """The two emulator servers (not started), as `running_stack` and its child process build them."""
+    from loyaltysync.sandbox import dataverse as dataverse_emulator
+    from loyaltysync.sandbox import fno as fno_emulator
+
+    fo = Server(
+        "fo",
+        fno_emulator.create_app(token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{fo_port}"),
+        fo_port,
+    )
+    dv = Server(
+        "dataverse",
+        dataverse_emulator.create_app(
+            token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{dv_port}"
+        ),
+        dv_port,
+    )
+    return fo, dv
+
+
+async def _serve_emulators(config: dict[str, Any]) -> None:
+    """The child process: serve both emulators, print one line when ready, stop when stdin closes."""
+    templates_dir = config.get("templates_dir")
+    templates = load_templates(Path(templates_dir) if templates_dir else default_mappings_dir())
+    fo, dv = _emulator_servers(config["token"], config["seed"], templates, config["fo_port"], config["dv_port"])
+    await fo.start()
+    await dv.start()
+    print(json.dumps({"fo": fo.url, "dataverse": dv.url}), flush=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        await dv.stop()
+        await fo.stop()
+
+
+@dataclass
 class Stack:
     """Everything running; `env` holds the settings the function app was started with."""
 
     token: str
     templates: dict[str, Template]
     azurite: Azurite
-    fo: Server
-    dataverse: Server
+    fo: Server | RemoteServer
+    dataverse: Server | RemoteServer
     devhost: Any
     env: dict[str, str] = field(default_factory=dict)
 
-    def admin(self, server: Server) -> httpx.AsyncClient:
+    def admin(self, server: Server | RemoteServer) -> httpx.AsyncClient:
         """An HTTP client for an emulator's /_admin endpoint."""
         return httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
 
@@ -102,28 +202,29 @@ async def running_stack(
     templates_dir: Path | None = None,
     extra_env: dict[str, str] | None = None,
     fo_event_format: str = "data-event",
+    emulators_in_child: bool = False,
 ) -> AsyncIterator[Stack]:
-    """Start Azurite, the emulators and the dev host; register webhooks and event subscriptions."""
+    """Start Azurite, the emulators and the dev host; register webhooks and event subscriptions.
+
+    `emulators_in_child`: serve the emulators from a child process (their `app` objects are
+    then not reachable from here, only their URLs and admin endpoints).
+    """
     from loyaltysync.devhost import DevHost
     from loyaltysync.runtime import close_runtime
     from loyaltysync.sandbox import dataverse as dataverse_emulator
-    from loyaltysync.sandbox import fno as fno_emulator
 
     templates = load_templates(templates_dir or default_mappings_dir())
     token = secrets.token_urlsafe(24)
     fo_port, dv_port = free_port(), free_port()
-    fo = Server(
-        "fo",
-        fno_emulator.create_app(token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{fo_port}"),
-        fo_port,
-    )
-    dv = Server(
-        "dataverse",
-        dataverse_emulator.create_app(
-            token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{dv_port}"
-        ),
-        dv_port,
-    )
+    fo: Server | RemoteServer
+    dv: Server | RemoteServer
+    child: ChildEmulators | None = None
+    if emulators_in_child:
+        fo, dv = RemoteServer("fo", fo_port), RemoteServer("dataverse", dv_port)
+        config = {"token": token, "seed": seed, "fo_port": fo_port, "dv_port": dv_port}
+        child = ChildEmulators({**config, "templates_dir": str(templates_dir) if templates_dir else None})
+    else:
+        fo, dv = _emulator_servers(token, seed, templates, fo_port, dv_port)
     saved = dict(os.environ)
     async with Azurite() as azurite:
         env = {
@@ -134,6 +235,7 @@ async def running_stack(
             "INTEGRATION_USER_IDS": dataverse_emulator.INTEGRATION_USER.systemuserid,
             "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
             "PAUSE_RECHECK_SECONDS": "1",
+            "CONFLICT_GRACE_SECONDS": "3",  # the sandbox delivers events within a second
             "DEV_FUNCTION_KEY": secrets.token_urlsafe(24),
             "DEV_ADMIN_KEY": secrets.token_urlsafe(24),
             **({"MAPPINGS_DIR": str(templates_dir)} if templates_dir else {}),
@@ -147,18 +249,27 @@ async def running_stack(
             host_json=REPO / "host.json",
             local_settings=REPO / "local.settings.json.absent",
         )
-        await fo.start()
-        await dv.start()
-        await devhost.start()
-        stack = Stack(token=token, templates=templates, azurite=azurite, fo=fo, dataverse=dv, devhost=devhost, env=env)
         try:
+            if child is not None:
+                await child.start()
+            elif isinstance(fo, Server) and isinstance(dv, Server):
+                await fo.start()
+                await dv.start()
+            await devhost.start()
+            stack = Stack(
+                token=token, templates=templates, azurite=azurite, fo=fo, dataverse=dv, devhost=devhost, env=env
+            )
             await register(stack, fo_event_format=fo_event_format)
             yield stack
         finally:
             await devhost.stop()
             await close_runtime()
-            await dv.stop()
-            await fo.stop()
+            if child is not None:
+                await child.stop()
+            if isinstance(dv, Server):
+                await dv.stop()
+            if isinstance(fo, Server):
+                await fo.stop()
             os.environ.clear()
             os.environ.update(saved)
 
@@ -206,3 +317,9 @@ async def register(stack: Stack, *, fo_event_format: str) -> None:
                 },
             )
             response.raise_for_status()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["emulators"] or len(sys.argv) != 3:
+        raise SystemExit("usage: python -m loyaltysync.stack emulators CONFIG_JSON (started by running_stack)")
+    asyncio.run(_serve_emulators(json.loads(sys.argv[2])))

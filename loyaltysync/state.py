@@ -55,9 +55,13 @@ class SyncRecord:
 
     `values` are the canonical values both sides last agreed on (JSON scalars);
     `versions` and `modified` hold, per side ("fo" / "dataverse"), the last source
-    version and source modified time (ISO UTC) applied. `deleted` marks a tombstone
-    so a late event for a deleted key is recognised. `etag` is None until stored;
-    `updated_at` is set by the store on every write.
+    version and source modified time (ISO UTC) applied (for F&O, whose rows carry no
+    modified time, the latest event time seen: a lower bound of its current value's
+    time). `deleted` marks a tombstone so a late event for a deleted key is recognised.
+    `pending` holds, per side, the values a sync step is about to write there: stored
+    before the write, cleared with the new agreed values after it, so a step that dies
+    in between leaves proof that those values are the sync's own copy, not a person's
+    edit. `etag` is None until stored; `updated_at` is set by the store on every write.
     """
 
     template: str
@@ -69,6 +73,7 @@ class SyncRecord:
     deleted: bool = False
     updated_at: str = field(default_factory=utc_now)
     etag: str | None = None
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -224,13 +229,15 @@ def encode_record(record: SyncRecord) -> dict[str, str]:
     where = f"sync state {record.template}/{record.key}"
     check_text(f"{where}: template", record.template)
     check_text(f"{where}: key", record.key)
-    for name, value in record.values.items():
+    pending = [(f"pending {side} {name}", v) for side, values in record.pending.items() for name, v in values.items()]
+    for name, value in [*record.values.items(), *pending]:
         if value is not None and not isinstance(value, str | int | float | bool):
             raise TypeError(f"{where}: value of {name} is a {type(value).__name__}, not a JSON scalar")
     return {
         "values": dump_json(record.values, f"{where}: values"),
         "versions": dump_json(record.versions, f"{where}: versions"),
         "modified": dump_json(record.modified, f"{where}: modified"),
+        "pending": dump_json(record.pending, f"{where}: pending"),
     }
 
 
@@ -344,6 +351,7 @@ class MemoryStateStore:
             values=json.loads(texts["values"]),
             versions=json.loads(texts["versions"]),
             modified=json.loads(texts["modified"]),
+            pending=json.loads(texts["pending"]),
             updated_at=self._clock(),
             etag=self._etags.next(),
         )
@@ -362,6 +370,7 @@ class MemoryStateStore:
                 values=json.loads(text["values"]),
                 versions=json.loads(text["versions"]),
                 modified=json.loads(text["modified"]),
+                pending=json.loads(text["pending"]),
                 updated_at=self._clock(),
                 etag=self._etags.next(),
             )

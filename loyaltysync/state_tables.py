@@ -28,6 +28,7 @@ import json
 import re
 import string
 import unicodedata
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -155,6 +156,7 @@ class _TableStore:
         self._owns_service = owns_service
         self._clock = clock
         self._client: TableClient = service.get_table_client(table_name)
+        self._indexed: OrderedDict[str, str | None] = OrderedDict()  # etag -> row id (state store only)
         self._ready = False
         self._lock = asyncio.Lock()
 
@@ -209,14 +211,37 @@ class _TableStore:
 
 
 class TableStateStore(_TableStore):
-    """StateStore on Azure Table Storage."""
+    """StateStore on Azure Table Storage.
+
+    A record with a Dataverse row id is stored together with its row-id index row, in one
+    entity-group transaction. Most writes replace a record whose row id has not changed;
+    their index row is already there (it was written with the version being replaced), so
+    they are a plain conditional replace: the store remembers, per ETag it has seen, the
+    row id that version had.
+    """
 
     suffix = "state"
+    _INDEXED_MEMORY = 50_000  # ETags remembered (about 100 bytes each)
+
+    def _remember(self, record: SyncRecord) -> None:
+        if record.etag is not None:
+            self._indexed[record.etag] = record.row_id
+            if len(self._indexed) > self._INDEXED_MEMORY:
+                self._indexed.popitem(last=False)
+
+    def _indexed_already(self, record: SyncRecord) -> bool:
+        """True when the version being replaced had this row id, so its index row exists."""
+        etag = record.etag
+        return etag is not None and etag in self._indexed and self._indexed[etag] == record.row_id
 
     async def get(self, template: str, key: str) -> SyncRecord | None:
         """The stored record (with its etag), or None."""
         entity = await self._get(table_key(template), table_key(key, _RECORD))
-        return None if entity is None else _record_from(entity)
+        if entity is None:
+            return None
+        record = _record_from(entity)
+        self._remember(record)
+        return record
 
     async def put(self, record: SyncRecord) -> SyncRecord:
         """Insert (etag None) or replace (etag as read); ConcurrencyError if another writer got there first."""
@@ -230,7 +255,7 @@ class TableStateStore(_TableStore):
         with _concurrency(f"sync state {record.template}/{record.key}"):
             if record.row_id is None and record.etag is None:
                 metadata = await table.create_entity(entity)
-            elif record.row_id is None:
+            elif record.row_id is None or self._indexed_already(record):
                 metadata = await table.update_entity(entity, **operation[2])
             else:
                 index = _index_entity(entity, record.row_id)
@@ -239,6 +264,7 @@ class TableStateStore(_TableStore):
                 )
                 metadata = results[0]
         saved.etag = metadata["etag"]
+        self._remember(saved)
         return saved
 
     async def put_many(self, records: Sequence[SyncRecord]) -> int:
@@ -348,6 +374,7 @@ def _record_entity(record: SyncRecord, updated_at: str) -> tuple[SyncRecord, dic
         row_id=record.row_id,
         deleted=record.deleted,
         updated_at=updated_at,
+        pending=json.loads(texts["pending"]),
     )
     entity: dict[str, Any] = {
         "PartitionKey": table_key(record.template),
@@ -360,6 +387,8 @@ def _record_entity(record: SyncRecord, updated_at: str) -> tuple[SyncRecord, dic
         "Deleted": record.deleted,
         "UpdatedAt": updated_at,
     }
+    if record.pending:
+        entity["Pending"] = texts["pending"]
     if record.row_id is not None:
         check_text(f"sync state {record.template}/{record.key}: row id", record.row_id)
         entity["RowId"] = record.row_id
@@ -387,6 +416,7 @@ def _record_from(entity: TableEntity) -> SyncRecord:
         deleted=bool(entity.get("Deleted", False)),
         updated_at=str(entity["UpdatedAt"]),
         etag=entity.metadata["etag"],
+        pending=json.loads(entity.get("Pending") or "{}"),
     )
 
 
@@ -440,6 +470,30 @@ class TableDeadLetterStore(_TableStore):
         table = await self._table()
         await table.delete_entity(entity["PartitionKey"], entity["RowKey"])
         return True
+
+    async def remove_for(self, template: str, key: str, sides: Sequence[Side] = ("fo", "dataverse")) -> int:
+        """Drop the record's entries on `sides`; returns how many there were.
+
+        Called after every successful sync, so the common case (no entry) costs one query
+        within the template's partition by RowKey, never a scan of the table; an entry
+        found is deleted by its PartitionKey and RowKey, and one gone meanwhile is fine.
+        """
+        table = await self._table()
+        ids = {f"id{i}": dead_letter_id(template, side, key) for i, side in enumerate(sides)}
+        if not ids:
+            return 0
+        rows = " or ".join(f"RowKey eq @{name}" for name in ids)
+        partition = table_key(template)
+        found = [
+            str(entity["RowKey"])
+            async for entity in table.query_entities(
+                f"PartitionKey eq @pk and ( {rows} )", parameters={"pk": partition, **ids}, select=["RowKey"]
+            )
+        ]
+        for row_key in found:
+            with contextlib.suppress(ResourceNotFoundError):
+                await table.delete_entity(partition, row_key)
+        return len(found)
 
     async def count(self, template: str | None = None) -> int:
         """How many entries (of one template, or all)."""

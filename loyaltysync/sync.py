@@ -19,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from loyaltysync import mapping
-from loyaltysync.decide import Decision, SideRecord, agreed_from_state, decide, is_newer, is_stale
+from loyaltysync.decide import Agreed, Decision, SideRecord, agreed_from_state, decide, is_newer, is_stale, with_pending
 from loyaltysync.errors import ConcurrencyError, MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.state import StateStore, SyncRecord
@@ -37,6 +39,13 @@ from loyaltysync.templates import Side, Template
 log = logging.getLogger("loyaltysync.sync")
 
 MAX_STATE_RACES = 5
+# A step's stored intent (`SyncRecord.pending`) younger than this means another step is writing the record
+# now: wait for it. Older, its step died: the intent is evidence of what may have landed. Longer than a
+# step's writes take, shorter than the queue's retries last (maxDequeueCount x visibilityTimeout).
+WRITING_ELSEWHERE_S = 15.0
+BUSY_PAUSE_S = 0.25
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 @dataclass(slots=True)
@@ -66,6 +75,10 @@ class _Raced(ConcurrencyError):
         self.outcome = outcome
 
 
+class _Busy(ConcurrencyError):
+    """Another step (another instance, or one that just died) stored an intent for this record moments ago."""
+
+
 class Engine:
     """Runs sync steps against one F&O and one Dataverse environment."""
 
@@ -78,8 +91,11 @@ class Engine:
         state: StateStore,
         *,
         integration_users: frozenset[str] = frozenset(),
+        writing_elsewhere_s: float = WRITING_ELSEWHERE_S,
     ) -> None:
         self.templates = templates
+        self.writing_elsewhere_s = writing_elsewhere_s
+        self.instance = uuid.uuid4().hex[:12]  # marks this process's intents: its own are never "elsewhere"
         self.fno = fno
         self.dataverse = dataverse
         self.lookups = lookups
@@ -121,9 +137,13 @@ class Engine:
             # answers are stale on whichever instance picks the replayed message up.
             self.lookups.forget()
         earlier: Outcome | None = None
-        for _ in range(MAX_STATE_RACES):
+        for attempt in range(1, MAX_STATE_RACES + 1):
             try:
                 outcome = await self._step(template, event, live=live)
+            except _Busy:
+                log.info("%s %s is being written by another step; waiting", template.name, event.key_text)
+                await asyncio.sleep(BUSY_PAUSE_S * attempt)
+                continue
             except _Raced as raced:
                 # The writes of the raced attempt happened; the re-run sees their result.
                 log.info("state of %s %s changed under us; re-running", template.name, event.key_text)
@@ -136,7 +156,9 @@ class Engine:
                 outcome = earlier
             outcome.duration_ms = (time.perf_counter() - started) * 1000
             return outcome
-        raise TargetError("state", 409, "ConcurrencyVersionMismatch", "sync state kept changing; will retry")
+        # Transient (503): the queue tries the message again after its visibility timeout, by when the
+        # other writer is done. (A 409 would be taken for a permanent refusal and parked.)
+        raise TargetError("state", 503, "ConcurrencyVersionMismatch", "sync state kept changing; will retry")
 
     async def _step(self, template: Template, event: ChangeEvent, *, live: bool) -> Outcome:
         key = await self._natural_key(template, event)
@@ -147,24 +169,38 @@ class Engine:
         ours = (event.initiating_user or "").lower() in self.integration_users
         if record is not None and is_stale(event.source_version, record.versions.get(event.side)):
             return Outcome(template.name, event.side, key_text, "echo" if ours else "stale")
+        if record is not None and _writing_elsewhere(record, self.writing_elsewhere_s, self.instance):
+            # Its writes may not have landed yet: reading now could miss them, and clearing its intent
+            # would lose the proof that they are the sync's own (see SyncRecord.pending).
+            raise _Busy(f"{template.name} {key_text} is being written by another step")
 
         # A payload can predate a delete already applied (webhooks come late and out of order, and a
         # delete carries no version to make them stale): for a tombstone only a re-read says it exists.
         tombstone = record is not None and record.deleted
         use_payload = event.complete and not ours and event.operation != "delete" and not tombstone
-        if event.side == "fo":
-            fo = await self._payload_record(template, event) if use_payload else await self.read_fo(template, key)
-            dv = await self.read_dataverse(template, key)
-            if fo.modified_on is None and event.modified_on and live:
-                fo = SideRecord(fo.values, event.modified_on, fo.version, fo.row_id)
-        else:
-            dv = (
-                await self._payload_record(template, event) if use_payload else await self.read_dataverse(template, key)
-            )
-            fo = await self.read_fo(template, key)
+        payload = self._payload_record(template, event) if use_payload else None
+        fo, dv = await _both(
+            payload if payload is not None and event.side == "fo" else self.read_fo(template, key),
+            payload if payload is not None and event.side == "dataverse" else self.read_dataverse(template, key),
+        )
+        fo = _with_fo_time(template, fo, record, event)
+        if event.wire_format == "recheck":
+            fo = _changed_since_deferral(fo, event)
 
         agreed = agreed_from_state(record.values if record else None, record.deleted if record else False)
+        if not agreed.exists and event.before and fo.exists and dv.exists and not (record and record.deleted):
+            # No agreed values yet (both sides held the record before the sync did): the pre-image says
+            # what this change touched, so fields it did not touch are not a conflict with the other side.
+            agreed = Agreed(values=dict(event.before), exists=True)
+        if record is not None and record.pending:
+            records: dict[Side, SideRecord] = {"fo": fo, "dataverse": dv}
+            unsure = _create_gone(record.pending, records, event) if live else None
+            if unsure is not None:
+                return _waiting_for_delete(template, event, key_text, unsure)
+            agreed = with_pending(agreed, record.pending, records, deleted=_deleted_side(event))
         decision = decide(template, fo, dv, agreed, trigger=event.side, live=live, from_integration_user=ours)
+        if decision.acts:
+            record = await self._intend(template, key_text, record, agreed, decision)
         row_id = await self._apply(template, key, decision, fo, dv)
         outcome = Outcome(
             template.name,
@@ -255,6 +291,28 @@ class Engine:
 
     # ------------------------------------------------------------ writing
 
+    async def _intend(
+        self, template: Template, key_text: str, record: SyncRecord | None, agreed: Agreed, decision: Decision
+    ) -> SyncRecord:
+        """Store what is about to be written before writing it (see `SyncRecord.pending`).
+
+        Also claims the record: another instance's step on the same record, started from the
+        same state, now fails its ETag here, before writing anything, and re-runs; a step that
+        reads the record meanwhile waits (`_Busy`). An earlier step's intent (a step that died)
+        is replaced, so what it proved is kept as agreed values first.
+        """
+        base = record or SyncRecord(template=template.name, key=key_text)
+        if base.pending:
+            deleted = base.deleted if not agreed.values else not agreed.exists
+            base = replace(base, values=dict(agreed.values), deleted=deleted)
+        pending: dict[str, dict[str, Any]] = {side: dict(values) for side, values in decision.writes.items()}
+        if decision.create is not None:
+            pending[decision.create]["@create"] = True
+        if decision.delete is not None:
+            pending[decision.delete] = {"@delete": True}
+        pending["@"] = {"at": utc_now(), "by": self.instance}
+        return await self.state.put(replace(base, pending=pending))
+
     async def _apply(
         self, template: Template, key: dict[str, str], decision: Decision, fo: SideRecord, dv: SideRecord
     ) -> str | None:
@@ -333,8 +391,9 @@ class Engine:
         # events at or below it are already reflected in this decision.
         if dv.version is not None and is_newer(dv.version, versions.get("dataverse")):
             versions["dataverse"] = dv.version
-        if event.modified_on:
-            modified[event.side] = event.modified_on
+        changed_at = event.modified_on if event.wire_format != "recheck" else None  # a re-check's is its deferral
+        if changed_at and is_newer(changed_at, modified.get(event.side)):
+            modified[event.side] = changed_at  # the latest: a late event's older time changes nothing
         new = SyncRecord(
             template=template.name,
             key=key_text,
@@ -346,11 +405,102 @@ class Engine:
             updated_at=utc_now(),
             etag=record.etag if record else None,
         )
-        unchanged = record is not None and (record.values, record.deleted, record.versions, record.row_id) == (
-            new.values,
-            new.deleted,
-            new.versions,
-            new.row_id,
-        )
+        unchanged = record is not None and (
+            record.values,
+            record.deleted,
+            record.versions,
+            record.modified,
+            record.row_id,
+            record.pending,
+        ) == (new.values, new.deleted, new.versions, new.modified, new.row_id, new.pending)
         if not unchanged:
             await self.state.put(new)
+
+
+async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Await two independent reads at once; if one fails, the other is cancelled."""
+    a, b = asyncio.ensure_future(first), asyncio.ensure_future(second)
+    try:
+        return await a, await b
+    except BaseException:
+        a.cancel()
+        b.cancel()
+        raise
+
+
+def _with_fo_time(template: Template, fo: SideRecord, record: SyncRecord | None, event: ChangeEvent) -> SideRecord:
+    """F&O's record with the best time known for it.
+
+    When the F&O entity has a modified field, its row says. Otherwise the latest F&O
+    event time seen for the record (this event's or the state's) is used, marked as a
+    lower bound: F&O's current values were written at that time or later.
+    """
+    if fo.modified_on is not None or not fo.exists:
+        return fo
+    own = event.modified_on if event.side == "fo" and event.wire_format != "recheck" else None
+    times = [record.modified.get("fo") if record else None, own]
+    known = [moment for moment in times if moment]
+    if not known:
+        return fo
+    latest = known[0] if len(known) == 1 or not is_newer(known[1], known[0]) else known[1]
+    return replace(fo, modified_on=latest, time_is_floor=True)
+
+
+def _changed_since_deferral(fo: SideRecord, recheck: ChangeEvent) -> SideRecord:
+    """On a re-check: F&O's deferred fields changed since the deferral make F&O at least that recent.
+
+    The re-check carries F&O's values of the deferred fields and the deferral's moment. A
+    different value now was written after that moment, so after Dataverse's conflicting change.
+    """
+    if not fo.exists or not recheck.modified_on or (fo.modified_on is not None and not fo.time_is_floor):
+        return fo
+    values = fo.values or {}
+    if all(values.get(name) == value for name, value in recheck.fields.items()):
+        return fo
+    if fo.modified_on is not None and not is_newer(recheck.modified_on, fo.modified_on):
+        return fo
+    return replace(fo, modified_on=recheck.modified_on, time_is_floor=True)
+
+
+def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> bool:
+    """Whether the record holds another instance's intent stored less than `within_s` seconds ago.
+
+    This process's own intents are not: steps on one record run one at a time here (the
+    per-key lock), so an own intent seen by a step is from one that failed or died.
+    """
+    meta = record.pending.get("@", {})
+    if meta.get("by") == instance:
+        return False
+    stored = meta.get("at")
+    try:
+        at = mapping.parse_datetime(stored) if isinstance(stored, str) else None
+    except ValueError:
+        return False
+    if at is None:
+        return False
+    return (datetime.now(UTC) - at).total_seconds() < within_s
+
+
+def _deleted_side(event: ChangeEvent) -> Side | None:
+    return event.side if event.operation == "delete" else None
+
+
+def _create_gone(
+    pending: dict[str, dict[str, Any]], records: dict[Side, SideRecord], event: ChangeEvent
+) -> Side | None:
+    """The side an interrupted step was creating the record on, when it is missing there now.
+
+    Then the create never happened, or it did and a person deleted the record since: only that
+    side's delete event can tell. Until it comes (or the re-check, which takes "never happened"),
+    nothing is created, so a deleted record is not brought back.
+    """
+    for side, record in records.items():
+        if (pending.get(side) or {}).get("@create") and not record.exists and _deleted_side(event) != side:
+            return side
+    return None
+
+
+def _waiting_for_delete(template: Template, event: ChangeEvent, key_text: str, side: Side) -> Outcome:
+    rule = f"an interrupted create in {side} may have landed and been deleted since: waiting for its delete event"
+    conflict = {"field": "(record)", "fo": None, "dataverse": None, "winner": None, "rule": rule}
+    return Outcome(template.name, event.side, key_text, "conflict-deferred", conflicts=[conflict])

@@ -32,7 +32,7 @@ from loyaltysync.templates import Template
 
 WEBHOOK, WEBHOOK_KEY, JSON_FORMAT = 8, 4, 2
 ASYNCHRONOUS, POST_OPERATION = 1, 40
-PRE_IMAGE, POST_IMAGE = 0, 1
+PRE_IMAGE, POST_IMAGE, BOTH_IMAGES = 0, 1, 2
 MESSAGES = ("Create", "Update", "Delete")
 IMAGE_EXTRA_COLUMNS = ("modifiedon", "versionnumber")  # the engine orders and dedupes changes by them
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -111,7 +111,9 @@ def _show(column: str, value: Any) -> str:
     if isinstance(value, Secret) or column in ("authvalue", "description"):
         return "(set)"
     if column == "imagetype":
-        return {PRE_IMAGE: "pre-image", POST_IMAGE: "post-image"}.get(value, str(value))
+        return {PRE_IMAGE: "pre-image", POST_IMAGE: "post-image", BOTH_IMAGES: "pre- and post-image"}.get(
+            value, str(value)
+        )
     return str(value)
 
 
@@ -202,7 +204,8 @@ def wanted_steps(template: Template, endpoint_name: str) -> tuple[StepSpec, ...]
     key = sorted({*template.dataverse.alternate_key, *filter(None, [template.dataverse.company_column])})
     images = {
         "Create": ImageSpec("PostImage", POST_IMAGE, "Id", post),
-        "Update": ImageSpec("PostImage", POST_IMAGE, "Target", post),
+        # Both: the pre-image tells which fields this update changed, where no agreed values exist yet.
+        "Update": ImageSpec("Image", BOTH_IMAGES, "Target", post),
         "Delete": ImageSpec("PreImage", PRE_IMAGE, "Target", tuple(key)),
     }
     return tuple(

@@ -12,21 +12,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 
 from loyaltysync import telemetry
 from loyaltysync.errors import MappingError, TargetError
-from loyaltysync.events.model import ChangeEvent
-from loyaltysync.runtime import SUCCESS_SCOPE, Runtime
+from loyaltysync.events.model import ChangeEvent, utc_now
+from loyaltysync.mapping import parse_datetime
+from loyaltysync.runtime import Runtime
 from loyaltysync.state import dead_letter_id
 from loyaltysync.sync import Outcome
+from loyaltysync.templates import SIDES
 
 log = logging.getLogger("loyaltysync.worker")
 
 DEFAULT_MAX_DEQUEUE = 5
+MAX_RECHECK_DELAY_S = 600
 
 Observer = Callable[[ChangeEvent, "Outcome | None", "str | None"], None]
 OBSERVERS: list[Observer] = []
@@ -85,7 +93,7 @@ async def _handle_event(
         )
         return None
     try:
-        outcome = await runtime.engine.process(event, live=event.wire_format not in ("reconcile",))
+        outcome = await _process(runtime, event)
     except MappingError as exc:
         with telemetry.personal_values(str(exc.value) if exc.value is not None else None):
             await _park(runtime, event, str(exc), "MappingError")
@@ -105,8 +113,55 @@ async def _handle_event(
         else:
             recorder.retrying(event, exc.code or str(exc.status))
         raise
+    if event.wire_format != "recheck" and any(c["winner"] is None for c in outcome.conflicts):
+        await _recheck_later(runtime, event, outcome)
     await _succeeded(runtime, event, outcome)
     return outcome
+
+
+async def _process(runtime: Runtime, event: ChangeEvent) -> Outcome:
+    """Apply the event; Storage that cannot be reached (after the SDK's own retries) is a transient
+    failure like an unreachable target: the message is tried again, and parked after the last attempt."""
+    try:
+        return await runtime.engine.process(event, live=event.wire_format not in ("reconcile", "recheck"))
+    except (ServiceRequestError, ServiceResponseError) as exc:
+        raise TargetError("storage", 503, "StorageUnreachable", str(exc)) from exc
+
+
+async def _recheck_later(runtime: Runtime, event: ChangeEvent, outcome: Outcome) -> None:
+    """A conflict deferred to the other side's event is looked at again after a grace period.
+
+    Normally that event comes first and decides. If it never comes (the other side's change
+    was older than its event time could prove), the re-check decides on the times known by
+    then, so a deferred conflict never waits for the next reconciliation pass. The grace is
+    CONFLICT_GRACE_SECONDS, or twice this event's own lag when events run later than that
+    (a backlog delays the other side's event as much). The re-check carries F&O's values of
+    the deferred fields and the moment of deferral: if F&O changed them after that, F&O's
+    change is the later one, whatever its event says when it comes.
+    """
+    deferred = {c["field"]: c["fo"] for c in outcome.conflicts if c["winner"] is None}
+    lag = _age_seconds(event.modified_on or event.received_at)
+    delay = min(MAX_RECHECK_DELAY_S, max(runtime.settings.conflict_grace_seconds, math.ceil(2 * lag)))
+    recheck = replace(
+        event,
+        complete=False,
+        fields=deferred,
+        lookup_ids={},
+        before={},
+        source_version=None,
+        modified_on=utc_now(),
+        wire_format="recheck",
+    )
+    await runtime.enqueue(event.template, recheck.to_json(), delay_s=delay)
+
+
+def _age_seconds(moment: str | None) -> float:
+    """Seconds since an ISO time (0 when unknown or in the future)."""
+    try:
+        at = parse_datetime(moment) if moment else None
+    except ValueError:
+        return 0.0
+    return 0.0 if at is None else max(0.0, (datetime.now(UTC) - at).total_seconds())
 
 
 async def _park(runtime: Runtime, event: ChangeEvent, reason: str, code: str, *, status: int | None = None) -> None:
@@ -127,15 +182,12 @@ async def _park(runtime: Runtime, event: ChangeEvent, reason: str, code: str, *,
 
 
 async def _succeeded(runtime: Runtime, event: ChangeEvent, outcome: Outcome) -> None:
-    # A record that syncs again is no longer a dead letter on either side.
-    for side in ("fo", "dataverse"):
-        if outcome.key:
-            await runtime.dead_letters.remove(dead_letter_id(event.template, side, outcome.key))
-    _notify(event, outcome, None)
-    direction = f"{event.template}:{event.side}"
-    await runtime.control.set(
-        SUCCESS_SCOPE,
-        direction,
+    _notify(event, outcome, None)  # the change is applied (write acknowledged, state stored); the rest is bookkeeping
+    if outcome.key:
+        await _clear_dead_letters(runtime, event.template, outcome.key)
+    # Written at most once per LAST_SUCCESS_WRITE_SECONDS per direction; ops status also shows the unwritten latest.
+    await runtime.successes.put(
+        f"{event.template}:{event.side}",
         {"at": datetime.now(UTC).isoformat(), "key": outcome.key, "reason": outcome.reason, "event_id": event.event_id},
     )
     recorder = telemetry.current()
@@ -150,6 +202,25 @@ async def _succeeded(runtime: Runtime, event: ChangeEvent, outcome: Outcome) -> 
         outcome.duration_ms,
         extra=recorder.log_extra(event, decision=outcome.reason, applied=outcome.applied),
     )
+
+
+@runtime_checkable
+class _RemovesByKey(Protocol):
+    async def remove_for(self, template: str, key: str) -> int: ...
+
+
+async def _clear_dead_letters(runtime: Runtime, template: str, key: str) -> None:
+    """A record that syncs again is no longer a dead letter on either side.
+
+    With Table Storage: one query in the template's partition (`remove_for`); a store
+    without it removes each side's entry by id.
+    """
+    store = runtime.dead_letters
+    if isinstance(store, _RemovesByKey):
+        await store.remove_for(template, key)
+        return
+    for side in SIDES:
+        await store.remove(dead_letter_id(template, side, key))
 
 
 async def drain_poison(runtime: Runtime, body: str) -> None:

@@ -22,6 +22,7 @@ from loyaltysync.decide import (
     decide,
     is_newer,
     is_stale,
+    with_pending,
 )
 from loyaltysync.mapping import (
     canonical_to_dataverse,
@@ -297,6 +298,70 @@ def test_deferred_conflict_does_not_hold_back_other_fields() -> None:
 def test_last_writer_wins_in_reconciliation_never_defers(fo_time: str | None, dv_time: str | None,
                                                          winner: Side) -> None:
     assert_won_by(conflict(LWW, fo_time, dv_time, live=False), winner)
+
+
+def fo_floor(time: str, **changes: Any) -> SideRecord:
+    """F&O timed by its latest event: its current values may be newer than `time`."""
+    return SideRecord(values=card(**changes), modified_on=time, time_is_floor=True)
+
+
+def test_an_fo_event_time_newer_than_dataverse_decides_for_fo_at_once() -> None:
+    decision = decide(LWW, fo_floor(T2, PartyNumber="P-fo"), fo_at(T1, PartyNumber="P-dv"), agreed(), trigger="fo")
+    assert_won_by(decision, "fo")
+
+
+def test_an_fo_event_time_older_than_dataverse_proves_nothing_live_and_decides_after_the_grace() -> None:
+    """A late F&O event's time says F&O's values are at least that old, not that Dataverse wrote last."""
+    records = (fo_floor(T1, PartyNumber="P-fo"), fo_at(T2, PartyNumber="P-dv"))
+    live = decide(LWW, *records, agreed(), trigger="fo", live=True)
+    assert live.reason == "conflict-deferred" and not live.acts
+    assert [c.winner for c in live.conflicts] == [None]
+    assert "waiting for fo's events" in live.conflicts[0].rule
+    assert_won_by(decide(LWW, *records, agreed(), trigger="fo", live=False), "dataverse")
+
+
+def test_values_an_interrupted_step_wrote_count_as_agreed_where_they_landed() -> None:
+    """The step copied Dataverse's P-b to F&O and died before storing it; Dataverse then moved on to P-c."""
+    records = {"fo": fo_at(T2, PartyNumber="P-b"), "dataverse": fo_at(T1, PartyNumber="P-c")}
+    merged = with_pending(agreed(PartyNumber="P-a"), {"fo": {"PartyNumber": "P-b"}}, records)
+    assert merged.values["PartyNumber"] == "P-b"
+    decision = decide(LWW, records["fo"], records["dataverse"], merged, trigger="dataverse")
+    assert decision.writes == {"fo": {"PartyNumber": "P-c"}}  # no conflict: F&O holds the sync's own copy
+    assert decision.conflicts == []
+
+
+def test_pending_values_that_did_not_land_change_nothing() -> None:
+    records = {"fo": fo_at(T2, PartyNumber="P-person"), "dataverse": fo_at(T1, PartyNumber="P-c")}
+    before = agreed(PartyNumber="P-a")
+    assert with_pending(before, {"fo": {"PartyNumber": "P-b"}}, records) == before
+    assert with_pending(before, {"fo": {"PartyNumber": "P-b"}}, {"fo": MISSING, "dataverse": records["dataverse"]}) \
+        == before
+
+
+def test_a_delete_that_landed_before_the_step_died_makes_the_record_a_tombstone() -> None:
+    """F&O present again (re-created) and Dataverse gone by the sync's own delete: copy, do not delete."""
+    records = {"fo": fo_at(T2, PartyNumber="P-new"), "dataverse": MISSING}
+    merged = with_pending(agreed(), {"dataverse": {"@delete": True}}, records)
+    assert not merged.exists
+    decision = decide(CARDS, records["fo"], MISSING, merged, trigger="fo")
+    assert decision.create == "dataverse" and decision.delete is None
+    # Not landed (the row is still there): the agreed state is untouched.
+    assert with_pending(agreed(), {"dataverse": {"@delete": True}}, {"fo": MISSING, "dataverse": fo_at(T1)}) \
+        == agreed()
+
+
+def test_a_create_that_landed_counts_even_when_every_value_was_edited_since() -> None:
+    edited = {k: (v if k == "CardNumber" else None) for k, v in CARD.items()}
+    records = {"fo": MISSING, "dataverse": fo_at(T1, values=edited)}
+    merged = with_pending(NO_STATE, {"dataverse": {"@create": True, "PartyNumber": "P-1"}}, records)
+    assert merged.exists  # so F&O missing now is a delete to propagate, not a record to create again
+    assert decide(CARDS, MISSING, records["dataverse"], merged, trigger="fo").delete == "dataverse"
+
+
+def test_a_create_that_landed_before_the_step_died_makes_the_record_agreed() -> None:
+    records = {"fo": fo_at(T1), "dataverse": fo_at(T1)}
+    merged = with_pending(NO_STATE, {"dataverse": dict(CARD)}, records)
+    assert merged.exists and merged.values == CARD
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,16 @@ async def test_put_then_get_round_trips_every_field(stores: Stores) -> None:
     assert loaded.updated_at == stores.clock.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+async def test_pending_writes_round_trip_and_a_replace_without_them_clears_them(stores: Stores) -> None:
+    pending = {"dataverse": {"PartyNumber": "P-2", "Points": 3, "Blocked": None}}
+    saved = await stores.state.put(card(pending=pending))
+    assert (await stores.state.get("loyalty-cards", "C-1001")).pending == pending
+    await stores.state.put(replace(saved, pending={}))
+    assert (await stores.state.get("loyalty-cards", "C-1001")).pending == {}
+    with pytest.raises(TypeError, match="pending"):
+        await stores.state.put(card(key="C-1002", pending={"fo": {"PartyNumber": ["not", "a", "scalar"]}}))
+
+
 async def test_get_unknown_key_or_template_is_none(stores: Stores) -> None:
     await stores.state.put(card())
     assert await stores.state.get("loyalty-cards", "C-9999") is None
@@ -220,6 +230,21 @@ async def test_delete_checks_the_etag(stores: Stores) -> None:
     await stores.state.delete(second)  # already gone: the caller's intent holds, no error
     with pytest.raises(ValueError, match="never stored"):
         await stores.state.delete(card())
+
+
+async def test_replacing_a_record_many_times_keeps_its_row_id_lookup(stores: Stores) -> None:
+    """Most writes keep the row id (the table store then skips rewriting the index row)."""
+    record = await stores.state.put(card("C-1", row_id=ROW_ID))
+    for points in range(3):
+        record = await stores.state.put(replace(record, values={**record.values, "Points": points}))
+        found = await stores.state.find_by_row_id("loyalty-cards", ROW_ID)
+        assert found is not None and found.values["Points"] == points and found.etag == record.etag
+    loaded = await stores.state.get("loyalty-cards", "C-1")  # a version read back, then replaced
+    assert loaded is not None
+    await stores.state.put(replace(loaded, row_id=OTHER_ROW_ID))
+    assert await stores.state.find_by_row_id("loyalty-cards", ROW_ID) is None
+    moved = await stores.state.find_by_row_id("loyalty-cards", OTHER_ROW_ID)
+    assert moved is not None and moved.key == "C-1"
 
 
 async def test_find_by_row_id_follows_the_current_row_id(stores: Stores) -> None:

@@ -166,7 +166,7 @@ async def test_apply_registers_what_the_spec_asks_and_a_second_plan_is_empty(san
     post_columns = sorted([*_mapped(TEMPLATES["loyalty-cards"]), "modifiedon", "versionnumber"])
     for message, (alias, kind, prop, columns) in {
         "Create": ("PostImage", 1, "Id", post_columns),
-        "Update": ("PostImage", 1, "Target", post_columns),
+        "Update": ("Image", 2, "Target", post_columns),
         "Delete": ("PreImage", 0, "Target", ["msdyn_cardnumber"]),
     }.items():
         image = images[by_message[message]["sdkmessageprocessingstepid"]]
@@ -200,6 +200,22 @@ async def test_a_registered_webhook_delivers_a_create_to_the_function_route(sand
     assert event.key == {"CardNumber": "C-1001"}
     assert event.fields["PartyNumber"] == "P-7"
     assert event.fields["CardTenderType"] == "AsCardTender"
+
+
+async def test_an_update_webhook_carries_the_values_before_the_change(sandbox: Sandbox) -> None:
+    await sandbox.register()
+    row_id = await sandbox.client.create("msdyn_loyaltycards", {"msdyn_cardnumber": "C-3", "msdyn_partynumber": "P-1"})
+    assert row_id is not None
+    await sandbox.drain()
+    sandbox.receiver.received.clear()
+
+    await sandbox.client.update_by_id("msdyn_loyaltycards", row_id, {"msdyn_partynumber": "P-2"})
+    await sandbox.drain()
+
+    context = read_remote_context(sandbox.receiver.received[0].body)
+    event = dataverse_change(context, TEMPLATES["loyalty-cards"])
+    assert (event.fields["PartyNumber"], event.before["PartyNumber"]) == ("P-2", "P-1")
+    assert event.before["CardNumber"] == "C-3"
 
 
 async def test_updates_deliver_only_for_mapped_columns_and_deletes_carry_the_key(sandbox: Sandbox) -> None:
@@ -269,7 +285,7 @@ async def test_a_changed_column_set_updates_the_update_step_and_post_images(sand
     plan = await sandbox.plan(changed)
 
     assert sorted((a.kind, a.entity, a.name) for a in plan.actions) == [
-        ("update", "image", "PostImage"),
+        ("update", "image", "Image"),
         ("update", "image", "PostImage"),
         ("update", "step", "loyaltysync: Update of msdyn_loyaltycard"),
     ]

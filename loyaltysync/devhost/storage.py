@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.util
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from azure.core.exceptions import ResourceExistsError
-from azure.core.pipeline.transport import AsyncioRequestsTransport
+from azure.core.pipeline.transport import AioHttpTransport, AsyncioRequestsTransport
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
 from loyaltysync.devhost.settings import storage_connection_string
@@ -83,9 +84,20 @@ class QueueStore:
             await service.close()
 
 
-def _transport() -> dict[str, Any]:
-    # The aio clients default to aiohttp, which this project does not install; the SDK's own
-    # requests-on-a-thread transport needs nothing beyond azure-core.
-    if importlib.util.find_spec("aiohttp") is not None:
+_PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ws_proxy", "wss_proxy"})
+
+
+def _transport(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The aio clients' transport: aiohttp with proxy settings read once, else requests on a thread.
+
+    The SDK's aiohttp transport trusts the environment by default, so aiohttp scans the
+    environment for proxy variables (and reads ~/.netrc) on every poll and send; when no
+    proxy variable is set at start it is told not to. Without aiohttp, the SDK's
+    requests-on-a-thread transport needs nothing beyond azure-core.
+    """
+    if importlib.util.find_spec("aiohttp") is None:
+        return {"transport": AsyncioRequestsTransport()}
+    names = os.environ if environ is None else environ
+    if any(name.lower() in _PROXY_VARIABLES for name in names):
         return {}
-    return {"transport": AsyncioRequestsTransport()}
+    return {"transport": AioHttpTransport(use_env_settings=False)}

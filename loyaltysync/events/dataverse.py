@@ -69,6 +69,7 @@ def dataverse_change(context: RemoteContext, template: Template, *, size_exceede
     for image in images:
         record.update(_with_null_lookups(template, image.attributes))
     values, lookup_ids, all_mapped = _canonical(template, record)
+    before = {} if reduced or operation != "update" else _before(template, context)
     row_id = _row_id(context, template, record)
     key = _key(template, values)
     if not key and row_id is None:
@@ -94,7 +95,20 @@ def dataverse_change(context: RemoteContext, template: Template, *, size_exceede
         correlation_id=context.correlation_id,
         initiating_user=context.initiating_user_id,
         wire_format="dataverse-webhook",
+        before=before,
     )
+
+
+def _before(template: Template, context: RemoteContext) -> dict[str, Any]:
+    """The pre-image's canonical values (lookups left out: they would need resolving); empty without one."""
+    record: dict[str, Any] = {}
+    for image in context.pre_images.values():
+        record.update(image.attributes)
+    if not record:
+        return {}
+    values, _, _ = _canonical(template, record)
+    lookups = {f.key for f in template.all_fields if f.lookup is not None}
+    return {name: value for name, value in values.items() if name not in lookups}
 
 
 def _record_sources(context: RemoteContext, operation: Operation) -> list[EntityData]:

@@ -24,6 +24,7 @@ WireFormat = Literal[
     "service-bus",
     "reconcile",
     "replay",
+    "recheck",  # a deferred conflict, looked at again after CONFLICT_GRACE_SECONDS
 ]
 
 
@@ -59,6 +60,9 @@ class ChangeEvent:
     received_at: str = field(default_factory=utc_now)
     wire_format: WireFormat = "dataverse-webhook"
     traceparent: str | None = None  # W3C trace context of the inbound request, carried through the queue
+    # Dataverse updates: the canonical values before the change (from the pre-image; lookups left out),
+    # which tell what this change touched when the record has no agreed values yet.
+    before: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Serialize for the queue (plain JSON; the queue layer adds base64)."""

@@ -76,6 +76,28 @@ async def test_concurrent_edits_of_different_fields_both_survive(e2e: E2E) -> No
     assert await e2e.fo_values(CARDS, key) == await e2e.dv_values(CARDS, key)
 
 
+async def test_records_held_before_the_sync_keep_both_edits_of_different_fields(e2e: E2E) -> None:
+    """No sync state yet (both sides had the card before the sync was deployed): the update webhook's
+    pre-image tells which field the agent changed, so the F&O user's later edit of another field does
+    not carry F&O's old value of the agent's field back over it."""
+    key = e2e.key("PRE")
+    fo_row = {"CardNumber": key, "PartyNumber": "P-0", "OmOperatingUnitNumber": "S-0"}
+    (await e2e.fo_admin.post(f"/_admin/entities/{FO_CARDS}/rows", json={"rows": [fo_row]})).raise_for_status()
+    dv_row = e2e.dv_body(CARDS, fo_row)
+    (await e2e.dv_admin.post(f"/_admin/tables/{DV_CARDS}/rows", json={"rows": [dv_row]})).raise_for_status()
+    assert await e2e.runtime.state.get(CARDS, key) is None
+
+    await e2e.agent.upsert(DV_CARDS, {"msdyn_cardnumber": key}, {"msdyn_operatingunitnumber": "S-AGENT"}, mode="update")
+    await asyncio.sleep(1.1)  # the F&O edit is the later one, and comes before any conflict re-check
+    await e2e.fo.update(FO_CARDS, {"CardNumber": key}, {"PartyNumber": "P-FO"})
+
+    both = {"PartyNumber": "P-FO", "OmOperatingUnitNumber": "S-AGENT"}
+    await e2e.dv_has(CARDS, key, both)
+    await e2e.settle()
+    assert await e2e.fo_values(CARDS, key) == await e2e.dv_values(CARDS, key)
+    assert {k: (await e2e.fo_values(CARDS, key) or {})[k] for k in both} == both
+
+
 async def _edit_both_while_paused(e2e: E2E, fo_first: str, dv_first: str) -> None:
     """Edit OmOperatingUnitNumber on both sides of two cards while the template is paused, so both
     events of each card are pending together. Round 0: F&O edits `fo_first`, Dataverse `dv_first`

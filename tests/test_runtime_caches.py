@@ -1,0 +1,278 @@
+"""What the runtime and worker remember between events to save Storage calls, and that it stays correct.
+
+- queues are created once per process, and again when one was deleted since;
+- the pause flag is cached for PAUSE_CACHE_SECONDS, and `set_paused` in this process updates it at once;
+- "last success" is written at most once per LAST_SUCCESS_WRITE_SECONDS per direction, and ops
+  status shows the latest even before it is written;
+- a successful sync clears the record's dead letters (both sides) with one partition query;
+- the Storage transports read proxy settings once instead of on every request.
+
+Everything runs against the session's Azurite; time is a fake clock where a cache's age matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from azure.core.exceptions import ServiceRequestError
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.storage.queue.aio import QueueClient
+
+from loyaltysync import operations, worker
+from loyaltysync.azurite import Azurite
+from loyaltysync.devhost.storage import _transport as devhost_transport
+from loyaltysync.errors import TargetError
+from loyaltysync.events.model import ChangeEvent
+from loyaltysync.runtime import SUCCESS_SCOPE, LatestDocuments, Runtime, build_runtime, storage_transport
+from loyaltysync.settings import load_settings
+from loyaltysync.state import MemoryControlStore
+from loyaltysync.state_tables import TableDeadLetterStore
+from loyaltysync.sync import Outcome
+from loyaltysync.templates import default_mappings_dir, load_templates
+
+TEMPLATES = load_templates(default_mappings_dir())
+CARDS = "loyalty-cards"
+
+RuntimeFactory = Callable[..., Awaitable[Runtime]]
+
+
+@pytest.fixture
+async def make_runtime(azurite: Azurite, unique_name: str) -> AsyncIterator[RuntimeFactory]:
+    """Runtimes sharing the session's Azurite and one set of tables and queues (like two instances)."""
+    built: list[Runtime] = []
+
+    async def make(**settings: str) -> Runtime:
+        environ = {
+            "FNO_URL": "http://fo.test",
+            "DATAVERSE_URL": "http://dataverse.test",
+            "LOYALTYSYNC_SANDBOX_TOKEN": "caches-test-token",
+            "AzureWebJobsStorage": azurite.connection_string,
+            "QUEUE_PREFIX": unique_name,
+            "STATE_TABLE": f"{unique_name}state",
+            "DEADLETTER_TABLE": f"{unique_name}dead",
+            "CONTROL_TABLE": f"{unique_name}control",
+            **settings,
+        }
+        runtime = build_runtime(load_settings(environ), TEMPLATES)
+        built.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in built:
+        await runtime.aclose()
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------------ queues
+
+
+async def test_enqueue_creates_the_queue_once_and_again_after_it_was_deleted(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = await make_runtime()
+    created: list[str] = []
+    real_create = QueueClient.create_queue
+
+    async def counting_create(self: QueueClient, **kwargs: Any) -> None:
+        created.append(self.queue_name)
+        await real_create(self, **kwargs)
+
+    monkeypatch.setattr(QueueClient, "create_queue", counting_create)
+    for n in range(3):
+        await runtime.enqueue(CARDS, f'{{"n": {n}}}')
+    assert created == [runtime.settings.queue_name(CARDS)]
+
+    await runtime.queue(CARDS).delete_queue()  # e.g. an operator cleaned up: the next send finds no queue
+    await runtime.enqueue(CARDS, '{"n": 3}')
+    assert created == [runtime.settings.queue_name(CARDS)] * 2
+    props = await runtime.queue(CARDS).get_queue_properties()
+    assert props.approximate_message_count == 1
+
+
+# ------------------------------------------------------------------ pause flag
+
+
+async def test_pause_set_in_this_process_applies_at_once_and_another_instance_within_the_cache_time(
+    make_runtime: RuntimeFactory,
+) -> None:
+    here = await make_runtime(PAUSE_CACHE_SECONDS="5")
+    other = await make_runtime()
+    clock = Clock()
+    here.clock = clock
+
+    assert await here.paused(CARDS) is False
+    await here.set_paused(CARDS, True, "maintenance")
+    assert await here.paused(CARDS) is True  # no wait for the cache to expire
+
+    await other.set_paused(CARDS, False)  # resumed from another instance (or the CLI)
+    assert await here.paused(CARDS) is True  # still the cached flag
+    assert await here.paused(CARDS, fresh=True) is False  # ops status reads the table
+
+    await other.set_paused(CARDS, True)
+    clock.now += 4.9
+    assert await here.paused(CARDS) is False  # cached from the fresh read above
+    clock.now += 0.2
+    assert await here.paused(CARDS) is True  # older than PAUSE_CACHE_SECONDS: read again
+
+
+async def test_a_zero_pause_cache_reads_the_flag_every_time(make_runtime: RuntimeFactory) -> None:
+    here = await make_runtime(PAUSE_CACHE_SECONDS="0")
+    other = await make_runtime()
+    assert await here.paused(CARDS) is False
+    await other.set_paused(CARDS, True)
+    assert await here.paused(CARDS) is True
+
+
+async def test_a_cached_pause_still_holds_events(make_runtime: RuntimeFactory) -> None:
+    """The worker obeys the cached flag: an event for a template paused here is put back, not applied."""
+    runtime = await make_runtime(PAUSE_CACHE_SECONDS="300")
+    await runtime.set_paused(CARDS, True)
+    event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-1"})
+    assert await worker.handle_change(runtime, event.to_json()) is None
+    props = await runtime.queue(CARDS).get_queue_properties()
+    assert props.approximate_message_count == 1  # held for later
+
+
+# ------------------------------------------------------------------ last success
+
+
+async def test_last_success_is_written_at_most_once_per_interval_and_the_latest_wins() -> None:
+    control = MemoryControlStore()
+    clock = Clock()
+    documents = LatestDocuments(control, SUCCESS_SCOPE, 5.0, clock)
+
+    await documents.put("cards:fo", {"at": "t1"})
+    assert await control.get(SUCCESS_SCOPE, "cards:fo") == {"at": "t1"}  # the first is written at once
+    await documents.put("cards:fo", {"at": "t2"})
+    await documents.put("cards:fo", {"at": "t3"})
+    await documents.put("cards:dataverse", {"at": "d1"})  # another direction has its own interval
+    assert await control.get(SUCCESS_SCOPE, "cards:fo") == {"at": "t1"}
+    assert await control.get(SUCCESS_SCOPE, "cards:dataverse") == {"at": "d1"}
+    assert documents.pending() == {"cards:fo": {"at": "t3"}}
+
+    await documents.flush()  # what shutdown does
+    assert await control.get(SUCCESS_SCOPE, "cards:fo") == {"at": "t3"}
+    assert documents.pending() == {}
+
+
+async def test_the_delayed_write_sends_the_latest_when_the_interval_ends() -> None:
+    control = MemoryControlStore()
+    documents = LatestDocuments(control, SUCCESS_SCOPE, 0.05)
+    await documents.put("cards:fo", {"at": "t1"})
+    await documents.put("cards:fo", {"at": "t2"})
+    await documents.put("cards:fo", {"at": "t3"})
+    assert await control.get(SUCCESS_SCOPE, "cards:fo") == {"at": "t1"}
+    for _ in range(400):  # the delayed write is a task of its own: wait for it (bounded)
+        if await control.get(SUCCESS_SCOPE, "cards:fo") == {"at": "t3"}:
+            break
+        await asyncio.sleep(0.01)
+    assert await control.get(SUCCESS_SCOPE, "cards:fo") == {"at": "t3"}
+    assert documents.pending() == {}
+
+
+async def test_ops_status_shows_the_latest_success_before_it_is_written(make_runtime: RuntimeFactory) -> None:
+    runtime = await make_runtime(LAST_SUCCESS_WRITE_SECONDS="3600")
+    first = {"at": "2026-11-23T10:00:00+00:00", "key": "C-1", "reason": "applied", "event_id": "e1"}
+    latest = {"at": "2026-11-23T10:00:01+00:00", "key": "C-2", "reason": "applied", "event_id": "e2"}
+    await runtime.successes.put(f"{CARDS}:fo", first)
+    await runtime.successes.put(f"{CARDS}:fo", latest)
+    assert (await runtime.control.get(SUCCESS_SCOPE, f"{CARDS}:fo")) == first  # not written yet
+
+    report = await operations.status(runtime)
+    assert report["templates"][CARDS]["last_success"] == {"fo": latest["at"], "dataverse": None}
+
+    other = await make_runtime()  # another instance sees what was written
+    assert (await operations.status(other))["templates"][CARDS]["last_success"]["fo"] == first["at"]
+    await runtime.aclose()  # shutdown writes the latest
+    assert (await operations.status(other))["templates"][CARDS]["last_success"]["fo"] == latest["at"]
+
+
+async def test_a_newer_success_written_by_another_instance_wins_in_status(make_runtime: RuntimeFactory) -> None:
+    runtime = await make_runtime(LAST_SUCCESS_WRITE_SECONDS="3600")
+    await runtime.successes.put(f"{CARDS}:fo", {"at": "2026-11-23T10:00:00+00:00"})
+    await runtime.successes.put(f"{CARDS}:fo", {"at": "2026-11-23T10:00:01+00:00"})
+    await runtime.control.set(SUCCESS_SCOPE, f"{CARDS}:fo", {"at": "2026-11-23T10:00:02+00:00"})
+    assert (await runtime.last_successes())[f"{CARDS}:fo"] == {"at": "2026-11-23T10:00:02+00:00"}
+
+
+# ------------------------------------------------------------------ dead letters
+
+
+async def test_remove_for_drops_both_sides_of_one_record_only(make_runtime: RuntimeFactory) -> None:
+    runtime = await make_runtime()
+    store = runtime.dead_letters
+    assert isinstance(store, TableDeadLetterStore)
+    key = "it's #1/a?b"  # characters that need escaping in a filter and a key
+    await store.park(CARDS, "fo", key, "r", "c", "{}", "e1")
+    await store.park(CARDS, "dataverse", key, "r", "c", "{}", "e2")
+    kept = [
+        await store.park(CARDS, "fo", "C-2", "r", "c", "{}", "e3"),
+        await store.park("loyalty-levels", "fo", key, "r", "c", "{}", "e4"),
+    ]
+    assert await store.remove_for(CARDS, key) == 2
+    assert await store.remove_for(CARDS, key) == 0  # nothing left: one query, no error
+    assert sorted(e.id for e in await store.list()) == sorted(e.id for e in kept)
+    assert await store.remove_for(CARDS, "C-2", sides=("dataverse",)) == 0
+    assert await store.remove_for(CARDS, "C-2", sides=("fo",)) == 1
+
+
+async def test_a_successful_sync_clears_the_records_dead_letters(make_runtime: RuntimeFactory) -> None:
+    runtime = await make_runtime()
+    await runtime.dead_letters.park(CARDS, "fo", "C-1", "r", "c", "{}", "e1")
+    await runtime.dead_letters.park(CARDS, "dataverse", "C-1", "r", "c", "{}", "e2")
+    other = await runtime.dead_letters.park(CARDS, "fo", "C-9", "r", "c", "{}", "e3")
+    event = ChangeEvent(template=CARDS, side="dataverse", operation="update", key={"CardNumber": "C-1"})
+    await worker._succeeded(runtime, event, Outcome(CARDS, "dataverse", "C-1", "applied"))
+    assert [e.id for e in await runtime.dead_letters.list()] == [other.id]
+
+
+# ------------------------------------------------------------------ transports
+
+
+@pytest.mark.parametrize("make", [storage_transport, devhost_transport])
+def test_proxy_settings_are_read_once_unless_a_proxy_is_configured(make: Callable[..., dict[str, Any]]) -> None:
+    transport = make({"PATH": "/usr/bin", "HOME": "/root"})["transport"]
+    assert isinstance(transport, AioHttpTransport)
+    assert transport._use_env_settings is False  # no per-request look-up of proxy variables and ~/.netrc
+    assert make({"PATH": "/usr/bin", "HTTPS_PROXY": "http://proxy.corp:3128"}) == {}  # SDK default: uses it
+    assert make({"no_proxy": "localhost"}) == {}
+
+
+# ------------------------------------------------------------------ storage outages
+
+
+async def test_unreachable_storage_is_a_transient_failure_retried_then_parked(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK gave up (connection reset, Storage down): the message is retried like any transient
+    target failure, with the reason, and parked on the last attempt instead of failing without one."""
+    runtime = await make_runtime()
+
+    async def unreachable(template: str, key: str) -> None:
+        raise ServiceRequestError("[Errno 104] Connection reset by peer")
+
+    monkeypatch.setattr(runtime.state, "get", unreachable)
+    event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-OUT"})
+
+    with pytest.raises(TargetError) as raised:
+        await worker.handle_change(runtime, event.to_json(), dequeue_count=1, max_dequeue=2)
+    assert raised.value.transient and raised.value.code == "StorageUnreachable"
+    assert await runtime.dead_letters.list() == []
+
+    with pytest.raises(TargetError):
+        await worker.handle_change(runtime, event.to_json(), dequeue_count=2, max_dequeue=2)
+    (letter,) = await runtime.dead_letters.list()
+    assert (letter.key, letter.error_code) == ("C-OUT", "StorageUnreachable")
+    assert "Connection reset by peer" in letter.reason
