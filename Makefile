@@ -8,7 +8,7 @@ NODE_OK := node_modules/.installed
 help:
 	@echo "make demo        the whole sync, both ways, on the built-in sandbox"
 	@echo "make test        lint (ruff), types (mypy --strict) and every test"
-	@echo "make bench       all four benchmarks and their summary (about 20 minutes)"
+	@echo "make bench       all four benchmarks and their summary (about 10 minutes)"
 	@echo "make bench-core  core path benchmark (parse + map + decide)"
 	@echo "make chaos       the full chaos run: 20,000 operations under faults"
 	@echo "make sandbox     start the F&O and Dataverse emulators"

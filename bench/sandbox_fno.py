@@ -16,25 +16,23 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import emulators
 
 from loyaltysync.sandbox.fno import create_app
 
 TOKEN = "bench-token"  # noqa: S105 - in-process only
-TENDERS = ("AsCardTender", "AsContactTender", "NoTender", "Blocked")
 BATCH_SIZE = 1000  # operations per $batch (F&O allows 5000)
 
 
 def card(i: int) -> dict[str, object]:
-    return {
-        "CardNumber": f"CARD-{i:010d}",
-        "CardTenderType": TENDERS[i % 4],
-        "PartyNumber": f"{i:09d}",
-        "OmOperatingUnitNumber": "012",
-        "LoyaltyEnrollmentDate": f"2026-01-{1 + i % 28:02d}T08:00:00Z",
-        "LoyaltyEnrollmentTime": i % 86_400,
-    }
+    """The benchmarks' i-th card (bench/emulators.py), with the entity's time-of-day column."""
+    return {**emulators.card(i), "LoyaltyEnrollmentTime": i % 86_400}
 
 
 def batch_body(first: int, count: int) -> tuple[str, bytes]:
