@@ -27,3 +27,18 @@ def storage_connection_string(azurite: Azurite) -> str:
 def unique_name() -> str:
     """A per-test suffix that is a valid table and queue name by itself: a letter and 12 hex digits."""
     return "u" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def sandbox_environ(storage_connection_string: str, unique_name: str) -> dict[str, str]:
+    """App settings for a runtime against in-process emulators (http://fo.test, http://dv.test) and the
+    session's Azurite, with this test's own queues and tables. Add the token: `{**sandbox_environ, ...}`."""
+    return {
+        "FNO_URL": "http://fo.test",
+        "DATAVERSE_URL": "http://dv.test",
+        "AzureWebJobsStorage": storage_connection_string,
+        "QUEUE_PREFIX": unique_name,
+        "STATE_TABLE": f"{unique_name}s",
+        "DEADLETTER_TABLE": f"{unique_name}d",
+        "CONTROL_TABLE": f"{unique_name}c",
+    }

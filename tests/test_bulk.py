@@ -102,22 +102,13 @@ class Sandbox:
 
 
 @pytest.fixture
-async def sandbox(storage_connection_string: str, unique_name: str) -> AsyncIterator[Sandbox]:
+async def sandbox(sandbox_environ: dict[str, str]) -> AsyncIterator[Sandbox]:
     templates = load_templates(default_mappings_dir())
     box = Sandbox(
         templates,
         fno_emulator.create_app(token=TOKEN, templates=templates, public_url="http://fo.test"),
         dataverse_emulator.create_app(token=TOKEN, templates=templates, public_url="http://dv.test"),
-        {
-            "FNO_URL": "http://fo.test",
-            "DATAVERSE_URL": "http://dv.test",
-            "LOYALTYSYNC_SANDBOX_TOKEN": TOKEN,
-            "AzureWebJobsStorage": storage_connection_string,
-            "QUEUE_PREFIX": unique_name,
-            "STATE_TABLE": f"{unique_name}s",
-            "DEADLETTER_TABLE": f"{unique_name}d",
-            "CONTROL_TABLE": f"{unique_name}c",
-        },
+        {**sandbox_environ, "LOYALTYSYNC_SANDBOX_TOKEN": TOKEN},
     )
     yield box
     for rt in box.runtimes:

@@ -46,7 +46,7 @@ def dv_card(
 
 
 @pytest.fixture
-async def runtime(storage_connection_string: str, unique_name: str) -> AsyncIterator[Runtime]:
+async def runtime(sandbox_environ: dict[str, str]) -> AsyncIterator[Runtime]:
     templates = load_templates(default_mappings_dir())
     fo_app = fno_emulator.create_app(token=TOKEN, templates=templates, public_url="http://fo.test")
     dv_app = dataverse_emulator.create_app(token=TOKEN, templates=templates, public_url="http://dv.test")
@@ -63,16 +63,7 @@ async def runtime(storage_connection_string: str, unique_name: str) -> AsyncIter
         (await fo.post("/_admin/entities/RetailLoyaltyCards/rows", json={"rows": fo_rows})).raise_for_status()
         (await dv.post("/_admin/tables/msdyn_loyaltycards/rows", json={"rows": dv_rows})).raise_for_status()
     settings = load_settings(
-        {
-            "FNO_URL": "http://fo.test",
-            "DATAVERSE_URL": "http://dv.test",
-            "LOYALTYSYNC_SANDBOX_TOKEN": TOKEN,
-            "AzureWebJobsStorage": storage_connection_string,
-            "QUEUE_PREFIX": unique_name,
-            "STATE_TABLE": f"{unique_name}s",
-            "DEADLETTER_TABLE": f"{unique_name}d",
-            "CONTROL_TABLE": f"{unique_name}c",
-        }
+        {**sandbox_environ, "LOYALTYSYNC_SANDBOX_TOKEN": TOKEN}
     )
     rt = build_runtime(
         settings,
