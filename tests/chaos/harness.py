@@ -130,9 +130,12 @@ class Admin:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         headers = {"Authorization": f"Bearer {stack.token}"}
+        # Idle connections are dropped before the emulators' server closes them (uvicorn: 5 s), so a
+        # request is never sent on a connection the server is closing ("Server disconnected").
+        limits = httpx.Limits(keepalive_expiry=2)
         self.clients = {
-            "fo": httpx.AsyncClient(base_url=stack.fo.url, headers=headers, timeout=60),
-            "dataverse": httpx.AsyncClient(base_url=stack.dataverse.url, headers=headers, timeout=60),
+            side: httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits)
+            for side, url in (("fo", stack.fo.url), ("dataverse", stack.dataverse.url))
         }
 
     async def aclose(self) -> None:
