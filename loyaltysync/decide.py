@@ -21,6 +21,7 @@ template allows it; otherwise it is re-created).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -48,6 +49,8 @@ class SideRecord:
 
     `time_is_floor`: `modified_on` is not the record's own modified time but the latest
     event time seen for it (F&O rows carry none), so its current values may be newer.
+    `field_times`: per field, the latest time of an event that changed that field (F&O's
+    update events name the fields they submitted); a field's time is the later of the two.
     """
 
     values: Canonical | None
@@ -55,10 +58,15 @@ class SideRecord:
     version: str | None = None
     row_id: str | None = None
     time_is_floor: bool = False
+    field_times: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def exists(self) -> bool:
         return self.values is not None
+
+    def time_of(self, name: str) -> str | None:
+        """When the field's current value was written, as far as known."""
+        return latest(self.modified_on, self.field_times.get(name))
 
 
 MISSING = SideRecord(values=None)
@@ -114,6 +122,18 @@ def is_newer(version: str | None, than: str | None) -> bool:
     if moments[0] is not None and moments[1] is not None:
         return moments[0] > moments[1]  # times with and without fractions or offsets do not sort as text
     return version > than
+
+
+def latest(*moments: str | None) -> str | None:
+    """The latest of some times (or versions), None when none is known."""
+    known = [moment for moment in moments if moment]
+    if not known:
+        return None
+    found = known[0]
+    for moment in known[1:]:
+        if is_newer(moment, found):
+            found = moment
+    return found
 
 
 def _instant(text: str) -> datetime | None:
@@ -217,7 +237,7 @@ def _settle(
         return Conflict(f.key, x, y, "fo", policy)
     if policy == "dataverse-wins":
         return Conflict(f.key, x, y, "dataverse", policy)
-    fo_time, dv_time = records["fo"].modified_on, records["dataverse"].modified_on
+    fo_time, dv_time = records["fo"].time_of(f.key), records["dataverse"].time_of(f.key)
     if fo_time is None or dv_time is None:
         if live:
             # The side with no known time has an event on its way that will carry it.
@@ -232,7 +252,7 @@ def _settle(
         # The loser's time is only a lower bound (an event's time, perhaps a late one): a later
         # change on that side may still be on its way. Its event, or the re-check after the
         # grace period (then not live), decides.
-        rule = f"last-writer-wins: waiting for {loser}'s events after {records[loser].modified_on}"
+        rule = f"last-writer-wins: waiting for {loser}'s events after {records[loser].time_of(f.key)}"
         return Conflict(f.key, x, y, None, rule)
     if winner == "dataverse":
         return Conflict(f.key, x, y, "dataverse", f"last-writer-wins: {dv_time} > {fo_time}")
@@ -266,7 +286,12 @@ def agreed_from_state(values: Canonical | None, deleted: bool) -> Agreed:
 
 
 def with_pending(
-    agreed: Agreed, pending: dict[str, Canonical], records: dict[Side, SideRecord], *, deleted: Side | None = None
+    agreed: Agreed,
+    pending: dict[str, Canonical],
+    records: dict[Side, SideRecord],
+    *,
+    deleted: Side | None = None,
+    recreated: Side | None = None,
 ) -> Agreed:
     """The agreed state, counting what an interrupted sync step did as agreed where it landed.
 
@@ -278,7 +303,10 @@ def with_pending(
       means the record existed on both sides), so the copy cannot win a conflict against
       the edit that came after it, nor a later delete on the other side look like a create;
     - a side the step was deleting that is gone was deleted by the sync: the record is a
-      tombstone, so a re-create on the other side is copied, not taken for a delete;
+      tombstone, so a re-create on the other side is copied, not taken for a delete; so is
+      a side the step was deleting that holds another row now (another Dataverse row id than
+      the one the step read, `@row_id`, or `recreated`: its create event is later than the
+      intent): the delete landed and a person created the record again since;
     - a side the step was creating the record on, whose delete event is being processed
       (`deleted`), had the record: the create landed, and the delete propagates.
     """
@@ -287,7 +315,7 @@ def with_pending(
     for side, record in records.items():
         intent = pending.get(side) or {}
         if intent.get("@delete"):
-            if not record.exists:
+            if not record.exists or side == recreated or another_row(intent, record):
                 return Agreed(values=merged, exists=False)
             continue
         if record.values is None:
@@ -301,6 +329,12 @@ def with_pending(
     return Agreed(values=merged, exists=True) if landed else agreed
 
 
+def another_row(intent: Canonical, record: SideRecord) -> bool:
+    """Whether a side's record is another row than the one an intent was read from (row ids known)."""
+    was = intent.get("@row_id")
+    return bool(was and record.row_id and was != record.row_id)
+
+
 __all__ = [
     "MISSING",
     "NO_STATE",
@@ -309,8 +343,10 @@ __all__ = [
     "Decision",
     "SideRecord",
     "agreed_from_state",
+    "another_row",
     "decide",
     "is_newer",
     "is_stale",
+    "latest",
     "with_pending",
 ]

@@ -57,7 +57,10 @@ class SyncRecord:
     `versions` and `modified` hold, per side ("fo" / "dataverse"), the last source
     version and source modified time (ISO UTC) applied (for F&O, whose rows carry no
     modified time, the latest event time seen: a lower bound of its current value's
-    time). `deleted` marks a tombstone so a late event for a deleted key is recognised.
+    time; `modified["fo:<field>"]` per field, from update events that name their fields);
+    `versions["dataverse:written"]` is there while the sync's last Dataverse write is newer
+    than its last read there (see `sync._written_since_read`). `deleted` marks a tombstone
+    so a late event for a deleted key is recognised.
     `pending` holds, per side, the values a sync step is about to write there: stored
     before the write, cleared with the new agreed values after it, so a step that dies
     in between leaves proof that those values are the sync's own copy, not a person's

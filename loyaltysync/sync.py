@@ -27,7 +27,17 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from loyaltysync import mapping
-from loyaltysync.decide import Agreed, Decision, SideRecord, agreed_from_state, decide, is_newer, is_stale, with_pending
+from loyaltysync.decide import (
+    Agreed,
+    Decision,
+    SideRecord,
+    agreed_from_state,
+    decide,
+    is_newer,
+    is_stale,
+    latest,
+    with_pending,
+)
 from loyaltysync.errors import ConcurrencyError, MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.state import StateStore, SyncRecord
@@ -73,6 +83,16 @@ class _Raced(ConcurrencyError):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(f"sync state of {outcome.template} {outcome.key} changed under us")
         self.outcome = outcome
+
+
+# In `SyncRecord.modified`: F&O's change time of one field ("fo:CardTenderType"), from update events
+# that name the fields they submitted.
+FO_FIELD_TIME = "fo:"
+# In `SyncRecord.modified`: when the sync last wrote Dataverse (its own clock).
+DATAVERSE_WRITTEN_AT = "dataverse:written-at"
+# In `SyncRecord.versions`: present while the sync's last Dataverse write is newer than its last read
+# there (the value is the version read before that write).
+WRITTEN_SINCE_READ = "dataverse:written"
 
 
 class _Busy(ConcurrencyError):
@@ -177,13 +197,18 @@ class Engine:
         # A payload can predate a delete already applied (webhooks come late and out of order, and a
         # delete carries no version to make them stale): for a tombstone only a re-read says it exists.
         tombstone = record is not None and record.deleted
-        use_payload = event.complete and not ours and event.operation != "delete" and not tombstone
+        use_payload = (
+            event.complete and not ours and event.operation != "delete" and not tombstone
+            and not _written_since_read(record, event.side)
+        )
         payload = self._payload_record(template, event) if use_payload else None
         fo, dv = await _both(
             payload if payload is not None and event.side == "fo" else self.read_fo(template, key),
             payload if payload is not None and event.side == "dataverse" else self.read_dataverse(template, key),
         )
-        fo = _with_fo_time(template, fo, record, event)
+        changed_at = None if ours else _change_time(event, fo, record)  # ours: the time of the sync's write
+        dv = _without_own_write_time(dv, record)
+        fo = _with_fo_time(fo, record, changed_at if event.side == "fo" else None, event.changed)
         if event.wire_format == "recheck":
             fo = _changed_since_deferral(fo, event)
 
@@ -194,13 +219,15 @@ class Engine:
             agreed = Agreed(values=dict(event.before), exists=True)
         if record is not None and record.pending:
             records: dict[Side, SideRecord] = {"fo": fo, "dataverse": dv}
-            unsure = _create_gone(record.pending, records, event) if live else None
+            deleted = _after_intent(record.pending, event, "delete")
+            recreated = _after_intent(record.pending, event, "create")
+            unsure = _unsure(record.pending, records, deleted, recreated) if live else None
             if unsure is not None:
-                return _waiting_for_delete(template, event, key_text, unsure)
-            agreed = with_pending(agreed, record.pending, records, deleted=_deleted_side(event))
+                return _waiting_for_event(template, event, key_text, unsure)
+            agreed = with_pending(agreed, record.pending, records, deleted=deleted, recreated=recreated)
         decision = decide(template, fo, dv, agreed, trigger=event.side, live=live, from_integration_user=ours)
         if decision.acts:
-            record = await self._intend(template, key_text, record, agreed, decision)
+            record = await self._intend(template, key_text, record, agreed, decision, {"fo": fo, "dataverse": dv})
         row_id = await self._apply(template, key, decision, fo, dv)
         outcome = Outcome(
             template.name,
@@ -216,7 +243,8 @@ class Engine:
             ],
         )
         try:
-            await self._record(template, key_text, event, decision, record, dv, row_id)
+            dv_read = payload is None or event.side != "dataverse"
+            await self._record(template, key_text, event, changed_at, decision, record, dv, dv_read, row_id)
         except ConcurrencyError as exc:
             raise _Raced(outcome) from exc
         return outcome
@@ -292,14 +320,21 @@ class Engine:
     # ------------------------------------------------------------ writing
 
     async def _intend(
-        self, template: Template, key_text: str, record: SyncRecord | None, agreed: Agreed, decision: Decision
+        self,
+        template: Template,
+        key_text: str,
+        record: SyncRecord | None,
+        agreed: Agreed,
+        decision: Decision,
+        read: dict[Side, SideRecord],
     ) -> SyncRecord:
         """Store what is about to be written before writing it (see `SyncRecord.pending`).
 
         Also claims the record: another instance's step on the same record, started from the
         same state, now fails its ETag here, before writing anything, and re-runs; a step that
         reads the record meanwhile waits (`_Busy`). An earlier step's intent (a step that died)
-        is replaced, so what it proved is kept as agreed values first.
+        is replaced, so what it proved is kept as agreed values first. A delete keeps the row id
+        and version it read (`@row_id`, `@version`): the row there later is the same or a new one.
         """
         base = record or SyncRecord(template=template.name, key=key_text)
         if base.pending:
@@ -309,7 +344,8 @@ class Engine:
         if decision.create is not None:
             pending[decision.create]["@create"] = True
         if decision.delete is not None:
-            pending[decision.delete] = {"@delete": True}
+            was = read[decision.delete]
+            pending[decision.delete] = {"@delete": True, "@row_id": was.row_id, "@version": was.version}
         pending["@"] = {"at": utc_now(), "by": self.instance}
         return await self.state.put(replace(base, pending=pending))
 
@@ -378,9 +414,11 @@ class Engine:
         template: Template,
         key_text: str,
         event: ChangeEvent,
+        changed_at: str | None,
         decision: Decision,
         record: SyncRecord | None,
         dv: SideRecord,
+        dv_read: bool,
         row_id: str | None,
     ) -> None:
         versions = dict(record.versions) if record else {}
@@ -391,9 +429,18 @@ class Engine:
         # events at or below it are already reflected in this decision.
         if dv.version is not None and is_newer(dv.version, versions.get("dataverse")):
             versions["dataverse"] = dv.version
-        changed_at = event.modified_on if event.wire_format != "recheck" else None  # a re-check's is its deferral
-        if changed_at and is_newer(changed_at, modified.get(event.side)):
-            modified[event.side] = changed_at  # the latest: a late event's older time changes nothing
+        if "dataverse" in decision.writes or decision.create == "dataverse":
+            versions[WRITTEN_SINCE_READ] = dv.version  # see _written_since_read
+            modified[DATAVERSE_WRITTEN_AT] = utc_now()  # see _without_own_write_time
+        elif dv_read:
+            versions.pop(WRITTEN_SINCE_READ, None)
+        # The latest: a late event's older time changes nothing. An F&O update naming its fields
+        # dates those fields only (see _with_fo_time).
+        for name in _time_keys(event) if changed_at else ():
+            if is_newer(changed_at, modified.get(name)):
+                modified[name] = changed_at
+        if dv.modified_on and is_newer(dv.modified_on, modified.get("dataverse")):
+            modified["dataverse"] = dv.modified_on  # a person's change seen in the read (not the sync's write)
         new = SyncRecord(
             template=template.name,
             key=key_text,
@@ -428,26 +475,73 @@ async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
         raise
 
 
-def _with_fo_time(template: Template, fo: SideRecord, record: SyncRecord | None, event: ChangeEvent) -> SideRecord:
-    """F&O's record with the best time known for it.
+def _change_time(event: ChangeEvent, fo: SideRecord, record: SyncRecord | None) -> str | None:
+    """When the event's side changed the record, as far as this event tells.
 
-    When the F&O entity has a modified field, its row says. Otherwise the latest F&O
-    event time seen for the record (this event's or the state's) is used, marked as a
-    lower bound: F&O's current values were written at that time or later.
+    A re-check's time is its deferral, not a change. An F&O update whose submitted fields all
+    hold the agreed values now tells nothing about F&O's other values: typically it is the event
+    of the sync's own write (F&O events name no user), and its time would make F&O's older edits
+    look as new as that write.
+    """
+    if event.wire_format == "recheck":
+        return None
+    if event.side == "fo" and event.changed and record is not None and not record.deleted and fo.exists:
+        values = fo.values or {}
+        if all(values.get(name) == record.values.get(name) for name in event.changed):
+            return None
+    return event.modified_on
+
+
+def _without_own_write_time(dv: SideRecord, record: SyncRecord | None) -> SideRecord:
+    """Dataverse's record with a `modifiedon` that is not the time of the sync's own last write there.
+
+    `modifiedon` is the row's, so after the sync writes one field it dates every field: an agent's
+    older edit of another field would win a conflict with an F&O edit made between the two. When the
+    row was last changed no later than the sync's last write, the latest time of a person's change
+    seen before (in an event or a read) stands in for it (none known: the conflict waits for one).
+    """
+    written = record.modified.get(DATAVERSE_WRITTEN_AT) if record else None
+    if record is None or not written or not dv.exists or not dv.modified_on:
+        return dv
+    if is_newer(dv.modified_on, written):
+        return dv  # changed after the sync's write: that change is a person's
+    return replace(dv, modified_on=record.modified.get("dataverse"))
+
+
+def _time_keys(event: ChangeEvent) -> list[str]:
+    """Where an event's change time is kept in `SyncRecord.modified`: its side, or per field."""
+    if event.side == "fo" and event.changed:
+        return [FO_FIELD_TIME + name for name in event.changed]
+    return [event.side]
+
+
+def _with_fo_time(
+    fo: SideRecord, record: SyncRecord | None, changed_at: str | None, changed: list[str]
+) -> SideRecord:
+    """F&O's record with the best times known for it.
+
+    When the F&O entity has a modified field, its row says. Otherwise the latest F&O event
+    time seen, marked as a lower bound (F&O's current values were written then or later):
+    per field for update events that name their fields (an F&O user's edit of one field
+    says nothing about when another field changed), for the whole record otherwise.
     """
     if fo.modified_on is not None or not fo.exists:
         return fo
-    own = event.modified_on if event.side == "fo" and event.wire_format != "recheck" else None
-    times = [record.modified.get("fo") if record else None, own]
-    known = [moment for moment in times if moment]
-    if not known:
+    kept = record.modified if record else {}
+    fields = {name[len(FO_FIELD_TIME):]: t for name, t in kept.items() if name.startswith(FO_FIELD_TIME) and t}
+    whole = kept.get("fo")
+    if changed_at and changed:
+        for name in changed:
+            fields[name] = latest(fields.get(name), changed_at) or changed_at
+    elif changed_at:
+        whole = latest(whole, changed_at)
+    if whole is None and not fields:
         return fo
-    latest = known[0] if len(known) == 1 or not is_newer(known[1], known[0]) else known[1]
-    return replace(fo, modified_on=latest, time_is_floor=True)
+    return replace(fo, modified_on=whole, field_times=fields, time_is_floor=True)
 
 
 def _changed_since_deferral(fo: SideRecord, recheck: ChangeEvent) -> SideRecord:
-    """On a re-check: F&O's deferred fields changed since the deferral make F&O at least that recent.
+    """On a re-check: F&O's deferred fields changed since the deferral are at least that recent.
 
     The re-check carries F&O's values of the deferred fields and the deferral's moment. A
     different value now was written after that moment, so after Dataverse's conflicting change.
@@ -455,11 +549,26 @@ def _changed_since_deferral(fo: SideRecord, recheck: ChangeEvent) -> SideRecord:
     if not fo.exists or not recheck.modified_on or (fo.modified_on is not None and not fo.time_is_floor):
         return fo
     values = fo.values or {}
-    if all(values.get(name) == value for name, value in recheck.fields.items()):
+    times = dict(fo.field_times)
+    for name, value in recheck.fields.items():
+        if values.get(name) != value:
+            times[name] = latest(times.get(name), recheck.modified_on) or recheck.modified_on
+    if times == fo.field_times:
         return fo
-    if fo.modified_on is not None and not is_newer(recheck.modified_on, fo.modified_on):
-        return fo
-    return replace(fo, modified_on=recheck.modified_on, time_is_floor=True)
+    return replace(fo, field_times=times, time_is_floor=True)
+
+
+def _written_since_read(record: SyncRecord | None, side: Side) -> bool:
+    """Whether the sync wrote Dataverse after its last read there (or a step that died may have).
+
+    A Dataverse webhook's payload is the row as of that change. A change made between a step's
+    read and its write has a higher version than the read, so it is not stale, but its payload
+    lacks the sync's write made after it: taken as current, it would undo that write. Until a
+    step reads Dataverse again (which reflects everything up to then), payloads are not trusted.
+    """
+    if side != "dataverse" or record is None:
+        return False
+    return WRITTEN_SINCE_READ in record.versions or "dataverse" in record.pending
 
 
 def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> bool:
@@ -481,26 +590,55 @@ def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> bo
     return (datetime.now(UTC) - at).total_seconds() < within_s
 
 
-def _deleted_side(event: ChangeEvent) -> Side | None:
-    return event.side if event.operation == "delete" else None
+def _after_intent(pending: dict[str, dict[str, Any]], event: ChangeEvent, operation: str) -> Side | None:
+    """The event's side, when the event is an `operation` made after the intent was stored.
+
+    Compared in whole seconds (F&O's event times have no fraction); clocks are taken to agree
+    to the second. A create made then is a new record: an intent deletes only records agreed on
+    both sides, created well before it. A delete made then proves an intended create landed; an
+    older delete event (a late one) proves nothing about it. A delete event without a time counts.
+    """
+    if event.operation != operation:
+        return None
+    stored = pending.get("@", {}).get("at")
+    try:
+        made = mapping.parse_datetime(event.modified_on) if event.modified_on else None
+        at = mapping.parse_datetime(stored) if isinstance(stored, str) else None
+    except ValueError:
+        made = at = None
+    if made is None or at is None:
+        return event.side if operation == "delete" else None
+    return event.side if made >= at.replace(microsecond=0) else None
 
 
-def _create_gone(
-    pending: dict[str, dict[str, Any]], records: dict[Side, SideRecord], event: ChangeEvent
-) -> Side | None:
-    """The side an interrupted step was creating the record on, when it is missing there now.
+def _unsure(
+    pending: dict[str, dict[str, Any]], records: dict[Side, SideRecord], deleted: Side | None, recreated: Side | None
+) -> str | None:
+    """Why what an interrupted step did cannot be told yet, when only an event still to come can tell.
 
-    Then the create never happened, or it did and a person deleted the record since: only that
-    side's delete event can tell. Until it comes (or the re-check, which takes "never happened"),
-    nothing is created, so a deleted record is not brought back.
+    - It was creating the record on a side where it is missing now: the create never happened,
+      or it did and a person deleted the record since; that side's delete event tells.
+    - It was deleting the record on a side that holds a changed row now (another version; no
+      row id to compare, as in F&O): the delete did not happen and a person edited the record,
+      or it did and a person created the record again; that side's create event tells.
+    Until then nothing is created or deleted, so a deleted record is not brought back and a
+    re-created one is not deleted. The re-check (not live) takes "never happened".
     """
     for side, record in records.items():
-        if (pending.get(side) or {}).get("@create") and not record.exists and _deleted_side(event) != side:
-            return side
+        intent = pending.get(side) or {}
+        if intent.get("@create") and not record.exists and side != deleted:
+            return f"an interrupted create in {side} may have landed and been deleted since: waiting for its delete"
+        if (
+            intent.get("@delete")
+            and record.exists
+            and side != recreated
+            and not (intent.get("@row_id") and record.row_id)
+            and record.version != intent.get("@version")
+        ):
+            return f"an interrupted delete in {side} may have landed and the record been created again since"
     return None
 
 
-def _waiting_for_delete(template: Template, event: ChangeEvent, key_text: str, side: Side) -> Outcome:
-    rule = f"an interrupted create in {side} may have landed and been deleted since: waiting for its delete event"
+def _waiting_for_event(template: Template, event: ChangeEvent, key_text: str, rule: str) -> Outcome:
     conflict = {"field": "(record)", "fo": None, "dataverse": None, "winner": None, "rule": rule}
     return Outcome(template.name, event.side, key_text, "conflict-deferred", conflicts=[conflict])

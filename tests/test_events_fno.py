@@ -102,6 +102,20 @@ def test_data_events_are_keyed_notifications(fixture: str, operation: str, event
     assert event.wire_format == "fo-data-event"
 
 
+def test_an_update_names_the_mapped_fields_it_submitted() -> None:
+    """The Target of OnExternalUpdated holds the submitted columns: they tell the sync's own write
+    (fields that hold the agreed values) from a person's change (see `sync._change_time`)."""
+    data = load("fo-dataevent-loyaltycard-updated.json")
+    target_attributes(data).append({"key": "mserp_cardtendertype", "value": 1})
+
+    assert parse(data).changed == ["CardTenderType", "PartyNumber"]  # the key column is not a change
+
+
+@pytest.mark.parametrize("fixture", ["fo-dataevent-loyaltycard-created.json", "fo-dataevent-loyaltycard-deleted.json"])
+def test_creates_and_deletes_name_no_changed_fields(fixture: str) -> None:
+    assert parse(load(fixture)).changed == []
+
+
 def test_data_event_key_from_primary_field_only() -> None:
     data = load("fo-dataevent-loyaltycard-created.json")
     attributes = target_attributes(data)

@@ -89,7 +89,8 @@ def virtual_column(f: FieldMap) -> str:
 def data_event_change(
     context: RemoteContext, template: Template, *, wire_format: WireFormat = "fo-data-event"
 ) -> ChangeEvent:
-    """The F&O change a data event announces: operation and natural key, nothing else.
+    """The F&O change a data event announces: operation, natural key and, for an update, which
+    mapped fields it submitted (`changed`: the Target's columns). Values are re-read from F&O.
 
     The key comes from the `mserp_` key columns (Target over the images), else from
     `mserp_primaryfield` (`company|key1|key2`). Raises `EventError` 422 for a
@@ -105,8 +106,16 @@ def data_event_change(
     record: dict[str, Any] = {}
     for image in (*context.pre_images.values(), *context.input_images.values(), *context.post_images.values()):
         record.update(image.attributes)
+    changed: list[str] = []
     if context.target is not None:
         record.update(context.target.attributes)
+        if operation == "update":
+            keys = set(template.key_names)
+            changed = [
+                f.key
+                for f in template.all_fields
+                if f.fo and f.key not in keys and virtual_column(f) in context.target.attributes
+            ]
     return ChangeEvent(
         template=template.name,
         side="fo",
@@ -117,6 +126,7 @@ def data_event_change(
         correlation_id=context.correlation_id,
         initiating_user=context.initiating_user_id,
         wire_format=wire_format,
+        changed=changed,
     )
 
 
@@ -179,8 +189,7 @@ class BusinessEvent:
         matches = [k for k in self.own if k.lower() == name.lower()]
         if len(matches) > 1:
             raise EventError(
-                f"business event {self.envelope.BusinessEventId} has {', '.join(sorted(matches))}: "
-                f"which one is {name}?"
+                f"business event {self.envelope.BusinessEventId} has {', '.join(sorted(matches))}: which one is {name}?"
             )
         return (matches[0], self.own[matches[0]]) if matches else None
 

@@ -63,6 +63,9 @@ class ChangeEvent:
     # Dataverse updates: the canonical values before the change (from the pre-image; lookups left out),
     # which tell what this change touched when the record has no agreed values yet.
     before: dict[str, Any] = field(default_factory=dict)
+    # F&O data-event updates: the mapped fields the change submitted (its Target's columns, keys left
+    # out), which tell an F&O event of the sync's own write from a person's change.
+    changed: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         """Serialize for the queue (plain JSON; the queue layer adds base64)."""

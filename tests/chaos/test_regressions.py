@@ -59,6 +59,19 @@ class World:
     async def dv_row(self, phrase: str) -> dict[str, Any] | None:
         return await self.dv.get_by_key(DV_SET, {"msdyn_levelphrase": phrase})
 
+    async def gone(self, phrase: str) -> bool:
+        """Whether the level is missing on both sides."""
+        return await self.fo_description(phrase) is None and await self.dv_row(phrase) is None
+
+    async def agent_create(self, phrase: str, description: str) -> ChangeEvent:
+        """An agent's new level in Dataverse and the create webhook event it raises (row id, version, time)."""
+        await self.agent.upsert(DV_SET, {"msdyn_levelphrase": phrase}, {"msdyn_description": description})
+        row = await self.dv_row(phrase)
+        assert row is not None
+        return ChangeEvent(template=LEVELS, side="dataverse", operation="create", key={"LevelPhrase": phrase},
+                           row_id=row["msdyn_loyaltylevelid"], source_version=str(row["versionnumber"]),
+                           modified_on=row["modifiedon"], initiating_user=AGENT_USER.systemuserid)
+
     async def agent_edit(self, phrase: str, description: str) -> ChangeEvent:
         """An agent's edit in Dataverse and the complete webhook event it raises (payload, version, time)."""
         key, body = {"msdyn_levelphrase": phrase}, {"msdyn_description": description}
@@ -99,12 +112,19 @@ async def world() -> AsyncIterator[World]:
 
 
 async def synced_level(world: World, phrase: str, description: str) -> None:
-    """A level created in F&O and copied to Dataverse by the engine, with sync state."""
+    """A level created in F&O and copied to Dataverse by the engine, with sync state, and the webhook of
+    that copy processed (an echo: it re-reads Dataverse after the sync's write)."""
     await world.fo.create(FO_SET, {"LevelPhrase": phrase, "LevelDescription": description})
     created = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": phrase},
                           wire_format="fo-data-event")
     outcome = await world.engine.process(created)
     assert outcome.created == "dataverse"
+    row = await world.dv_row(phrase)
+    assert row is not None
+    echo = ChangeEvent(template=LEVELS, side="dataverse", operation="create", key={"LevelPhrase": phrase},
+                       row_id=row["msdyn_loyaltylevelid"], source_version=str(row["versionnumber"]),
+                       modified_on=row["modifiedon"], initiating_user=INTEGRATION_USER.systemuserid)
+    assert (await world.engine.process(echo)).reason == "echo"
 
 
 async def test_a_late_update_webhook_does_not_bring_back_a_deleted_record(world: World) -> None:
@@ -128,8 +148,7 @@ async def test_a_late_update_webhook_does_not_bring_back_a_deleted_record(world:
     outcome = await world.engine.process(late)
 
     assert outcome.created is None, f"the late webhook re-created the record: {outcome}"
-    assert await world.fo_description("LATE-1") is None
-    assert await world.dv_row("LATE-1") is None
+    assert await world.gone("LATE-1")
 
 
 async def test_a_crash_between_target_write_and_state_update_loses_no_later_edit(
@@ -275,6 +294,20 @@ async def test_edits_of_different_fields_both_survive_on_records_that_predate_th
     assert (dv["msdyn_partynumber"], dv["msdyn_operatingunitnumber"]) == ("P-FO", "S-AGENT")
 
 
+async def _crash_before_write(
+    world: World, monkeypatch: pytest.MonkeyPatch, event: ChangeEvent, owner: object, method: str
+) -> None:
+    """Process `event` in a worker that dies after storing its intent, before `owner.method` writes."""
+
+    async def die_before_the_write(*args: Any, **kwargs: Any) -> None:
+        raise Crash("worker killed after storing its intent, before the write")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, method, die_before_the_write)
+        with pytest.raises(Crash):
+            await world.engine.process(event)
+
+
 async def _crash_before_state(world: World, monkeypatch: pytest.MonkeyPatch, event: ChangeEvent) -> None:
     """Process `event` in a worker that dies after its target writes, before storing the sync state."""
 
@@ -287,6 +320,19 @@ async def _crash_before_state(world: World, monkeypatch: pytest.MonkeyPatch, eve
             await world.engine.process(event)
 
 
+async def _delete_in_fo_and_crash_in_dataverse(
+    world: World, monkeypatch: pytest.MonkeyPatch, phrase: str
+) -> ChangeEvent:
+    """F&O deletes a synced level; the worker deletes it in Dataverse and dies before storing the tombstone."""
+    await synced_level(world, phrase, "first life")
+    await world.fo.delete(FO_SET, {"LevelPhrase": phrase})
+    deleted = ChangeEvent(template=LEVELS, side="fo", operation="delete", key={"LevelPhrase": phrase},
+                          modified_on=utc_seconds(), wire_format="fo-data-event")
+    await _crash_before_state(world, monkeypatch, deleted)
+    assert await world.dv_row(phrase) is None  # the delete reached Dataverse before the crash
+    return deleted
+
+
 async def test_a_record_recreated_after_a_crashed_delete_is_copied_not_deleted(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -294,12 +340,7 @@ async def test_a_record_recreated_after_a_crashed_delete_is_copied_not_deleted(
     before storing the tombstone. F&O re-creates the level. With the state still saying "exists on both
     sides", F&O present and Dataverse missing read as "deleted in Dataverse", and the re-created level
     was deleted in F&O too: lost on both sides."""
-    await synced_level(world, "GONE-1", "first life")
-    await world.fo.delete(FO_SET, {"LevelPhrase": "GONE-1"})
-    deleted = ChangeEvent(template=LEVELS, side="fo", operation="delete", key={"LevelPhrase": "GONE-1"},
-                          wire_format="fo-data-event")
-    await _crash_before_state(world, monkeypatch, deleted)
-    assert await world.dv_row("GONE-1") is None  # the delete reached Dataverse before the crash
+    deleted = await _delete_in_fo_and_crash_in_dataverse(world, monkeypatch, "GONE-1")
 
     await world.fo.create(FO_SET, {"LevelPhrase": "GONE-1", "LevelDescription": "second life"})
     recreated = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "GONE-1"},
@@ -330,8 +371,7 @@ async def test_a_late_create_after_a_crashed_copy_and_a_delete_deletes_instead_o
     outcome = await world.engine.process(created)
 
     assert outcome.created is None and outcome.deleted == "dataverse"
-    assert await world.fo_description("TWICE-1") is None
-    assert await world.dv_row("TWICE-1") is None
+    assert await world.gone("TWICE-1")
 
 
 async def test_an_fo_edit_after_the_deferral_wins_the_recheck(world: World) -> None:
@@ -397,8 +437,7 @@ async def test_a_step_waits_for_another_instances_write_in_flight(
     outcome = await b
 
     assert outcome.deleted == "fo"
-    assert await world.fo_description("RACE-1") is None
-    assert await world.dv_row("RACE-1") is None
+    assert await world.gone("RACE-1")
 
 
 async def test_a_record_busy_for_longer_than_the_pauses_is_retried_later_not_parked(world: World) -> None:
@@ -441,8 +480,7 @@ async def test_a_copy_deleted_right_after_a_crashed_create_is_not_created_again(
     outcome = await world.engine.process(deleted)  # the delete event says the copy existed
 
     assert outcome.deleted == "fo"
-    assert await world.fo_description("QUICK-1") is None
-    assert await world.dv_row("QUICK-1") is None
+    assert await world.gone("QUICK-1")
 
 
 async def test_a_crashed_create_that_never_landed_is_made_by_the_recheck(
@@ -453,14 +491,7 @@ async def test_a_crashed_create_that_never_landed_is_made_by_the_recheck(
     await world.fo.create(FO_SET, {"LevelPhrase": "NEVER-1", "LevelDescription": "new"})
     created = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "NEVER-1"},
                           wire_format="fo-data-event")
-
-    async def die_before_the_write(self: Engine, *args: Any, **kwargs: Any) -> None:
-        raise Crash("worker killed after storing its intent, before the write")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Engine, "write_dataverse", die_before_the_write)
-        with pytest.raises(Crash):
-            await world.engine.process(created)
+    await _crash_before_write(world, monkeypatch, created, Engine, "write_dataverse")
     assert (await world.engine.process(created)).reason == "conflict-deferred"
 
     recheck = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "NEVER-1"},
@@ -470,3 +501,244 @@ async def test_a_crashed_create_that_never_landed_is_made_by_the_recheck(
     assert outcome.created == "dataverse"
     row = await world.dv_row("NEVER-1")
     assert row is not None and row["msdyn_description"] == "new"
+
+
+async def test_a_record_recreated_in_dataverse_after_a_crashed_delete_is_copied_not_deleted(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (a real process kill, seed 41): F&O deletes a card; the worker deletes it in Dataverse and
+    dies before storing the tombstone. An agent creates the card again in Dataverse. Its create event found
+    the intent "delete in Dataverse" and a Dataverse row, took the delete for one that never happened, and
+    deleted the agent's new card: lost on both sides. The new row's id proves the delete landed."""
+    deleted = await _delete_in_fo_and_crash_in_dataverse(world, monkeypatch, "AGAIN-1")
+
+    recreated = await world.agent_create("AGAIN-1", "second life")
+    for event in (recreated, deleted):  # the re-create's event, then the crashed message again
+        await world.engine.process(event)
+
+    assert await world.fo_description("AGAIN-1") == "second life"
+    row = await world.dv_row("AGAIN-1")
+    assert row is not None and row["msdyn_description"] == "second life"
+
+
+async def _delete_in_dataverse_and_crash_in_fo(world: World, monkeypatch: pytest.MonkeyPatch, phrase: str,
+                                               *, landed: bool) -> ChangeEvent:
+    """An agent deletes a synced level; the worker dies after (`landed`) or before deleting it in F&O."""
+    await synced_level(world, phrase, "first life")
+    row = await world.dv_row(phrase)
+    assert row is not None
+    assert await world.agent.delete_by_key(DV_SET, {"msdyn_levelphrase": phrase})
+    deleted = ChangeEvent(template=LEVELS, side="dataverse", operation="delete", key={"LevelPhrase": phrase},
+                          row_id=row["msdyn_loyaltylevelid"], initiating_user=AGENT_USER.systemuserid)
+    if landed:
+        await _crash_before_state(world, monkeypatch, deleted)
+    else:
+        await _crash_before_write(world, monkeypatch, deleted, world.fo, "delete")
+    assert (await world.fo_description(phrase) is None) == landed
+    return deleted
+
+
+async def test_a_record_recreated_in_fo_after_a_crashed_delete_waits_for_its_create_event(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The F&O mirror of the case above, where no row id tells one row from another: the crashed message,
+    delivered again before the re-create's event, sees an F&O row changed since the step read it (a new
+    row, or the old one edited) and waits; the create event, later than the intent, proves a new row."""
+    deleted = await _delete_in_dataverse_and_crash_in_fo(world, monkeypatch, "AGAIN-2", landed=True)
+    await world.fo.create(FO_SET, {"LevelPhrase": "AGAIN-2", "LevelDescription": "second life"})
+
+    again = await world.engine.process(deleted)
+    assert again.reason == "conflict-deferred" and again.deleted is None
+    recreated = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "AGAIN-2"},
+                            modified_on=utc_seconds(), wire_format="fo-data-event")
+    outcome = await world.engine.process(recreated)
+
+    assert outcome.created == "dataverse"
+    row = await world.dv_row("AGAIN-2")
+    assert row is not None and row["msdyn_description"] == "second life"
+    assert await world.fo_description("AGAIN-2") == "second life"
+
+
+async def test_an_fo_edit_racing_a_crashed_delete_that_never_landed_is_deleted_by_the_recheck(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other reading: the worker died before the F&O delete, and an F&O user edited the level. The
+    crashed message waits as above; no create event comes; the re-check (not live) takes "the delete never
+    happened", and an edit racing a delete does not bring the record back."""
+    deleted = await _delete_in_dataverse_and_crash_in_fo(world, monkeypatch, "RACE-2", landed=False)
+    await world.fo.update(FO_SET, {"LevelPhrase": "RACE-2"}, {"LevelDescription": "edited in F&O"})
+
+    assert (await world.engine.process(deleted)).reason == "conflict-deferred"
+    assert await world.fo_description("RACE-2") == "edited in F&O"
+    recheck = replace(deleted, modified_on=utc_seconds(), wire_format="recheck")
+    outcome = await world.engine.process(recheck, live=False)
+
+    assert outcome.deleted == "fo"
+    assert await world.gone("RACE-2")
+
+
+async def test_an_untouched_record_after_a_crash_before_its_delete_is_deleted_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An F&O row unchanged since the crashed step read it (same ETag) was not deleted by it: the
+    message delivered again deletes it without waiting."""
+    deleted = await _delete_in_dataverse_and_crash_in_fo(world, monkeypatch, "STILL-1", landed=False)
+
+    outcome = await world.engine.process(deleted)
+
+    assert outcome.deleted == "fo"
+    assert await world.fo_description("STILL-1") is None
+
+
+async def test_a_late_delete_event_older_than_a_crashed_create_does_not_delete_the_record(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills): F&O deletes a level; the worker deletes it in Dataverse and dies; an
+    agent creates it again, and the worker that takes the agent's create event dies before creating it in
+    F&O. F&O's delete event, delivered late, was then taken for proof that the interrupted create had
+    landed in F&O and been deleted, and the agent's new level was deleted: lost. A delete older than the
+    intent proves nothing about it; the re-check creates the level."""
+    fo_deleted = await _delete_in_fo_and_crash_in_dataverse(world, monkeypatch, "LATE-2")
+    await asyncio.sleep(1.1)  # the agent's create comes in a later second than F&O's delete
+
+    recreated = await world.agent_create("LATE-2", "second life")
+    await _crash_before_write(world, monkeypatch, recreated, world.fo, "create_or_update")
+
+    late = await world.engine.process(fo_deleted)
+    assert late.reason == "conflict-deferred" and late.deleted is None
+    assert await world.dv_row("LATE-2") is not None
+    recheck = replace(recreated, modified_on=utc_seconds(), wire_format="recheck", complete=False)
+    outcome = await world.engine.process(recheck, live=False)
+
+    assert outcome.created == "fo"
+    assert await world.fo_description("LATE-2") == "second life"
+    row = await world.dv_row("LATE-2")
+    assert row is not None and row["msdyn_description"] == "second life"
+
+
+async def test_the_event_of_the_syncs_own_fo_write_does_not_date_older_fo_edits(world: World) -> None:
+    """Chaos run: F&O edited one field, then an agent edited the same field later in Dataverse; before F&O's
+    own event came, the engine wrote another field to F&O. The event of that write (F&O events name no user)
+    carried a time later than the agent's edit and was taken as F&O's time: F&O's older edit won."""
+    await synced_level(world, "ECHO-1", "a")
+    await world.fo.update(FO_SET, {"LevelPhrase": "ECHO-1"}, {"LevelDescription": "from F&O"})
+    fo_edit_time = utc_seconds()
+    await asyncio.sleep(1.1)
+    agent_edit = await world.agent_edit("ECHO-1", "from the agent")
+    await asyncio.sleep(1.1)
+    # The event of a sync write to F&O: it submitted a field that holds the agreed value now.
+    echo = ChangeEvent(template=LEVELS, side="fo", operation="update", key={"LevelPhrase": "ECHO-1"},
+                       modified_on=utc_seconds(), wire_format="fo-data-event", changed=["LevelPhrase"])
+
+    first = await world.engine.process(agent_edit)  # conflict: F&O's time not known yet, so it waits
+    assert first.reason == "conflict-deferred"
+    assert (await world.engine.process(echo)).reason == "conflict-deferred"  # an echo: no time for F&O
+    fo_event = replace(echo, modified_on=fo_edit_time, changed=["LevelDescription"])
+    assert (await world.engine.process(fo_event)).reason == "conflict-deferred"  # older than the agent's
+    recheck = replace(agent_edit, complete=False, fields={"LevelDescription": "from F&O"},
+                      modified_on=utc_seconds(), wire_format="recheck", source_version=None)
+    outcome = await world.engine.process(recheck, live=False)
+
+    assert outcome.writes == {"fo": ["LevelDescription"]}
+    assert await world.fo_description("ECHO-1") == "from the agent"
+
+
+async def test_a_webhook_payload_older_than_the_syncs_own_write_is_not_taken_as_current(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run: an agent's edit landed in Dataverse between a step's read there and its write. The edit's
+    webhook (a later version than the read, so not stale) carried the row as of the edit, without the
+    sync's write made after it; taken as Dataverse's current row, it was copied to F&O, while Dataverse kept
+    the sync's value: the sides differed for good. Such a payload is now re-read."""
+    await synced_level(world, "PAYLOAD-1", "a")
+    await world.fo.update(FO_SET, {"LevelPhrase": "PAYLOAD-1"}, {"LevelDescription": "from F&O"})
+    fo_event = ChangeEvent(template=LEVELS, side="fo", operation="update", key={"LevelPhrase": "PAYLOAD-1"},
+                           modified_on=utc_seconds(), wire_format="fo-data-event", changed=["LevelDescription"])
+    write = Engine.write_dataverse
+    edits: list[ChangeEvent] = []
+
+    async def agent_edits_in_between(self: Engine, *args: Any, **kwargs: Any) -> str | None:
+        edits.append(await world.agent_edit("PAYLOAD-1", "from the agent"))
+        return await write(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Engine, "write_dataverse", agent_edits_in_between)
+        assert (await world.engine.process(fo_event)).writes == {"dataverse": ["LevelDescription"]}
+    row = await world.dv_row("PAYLOAD-1")
+    assert row is not None and row["msdyn_description"] == "from F&O"  # the sync's write came last
+
+    outcome = await world.engine.process(edits[0])
+
+    assert outcome.writes == {}
+    assert await world.fo_description("PAYLOAD-1") == "from F&O"
+
+
+CARDS_FO, CARDS_DV = "RetailLoyaltyCards", "msdyn_loyaltycards"
+
+
+async def synced_card(world: World, number: str) -> None:
+    """A card created in F&O and copied to Dataverse by the engine, with sync state."""
+    await world.fo.create(CARDS_FO, {"CardNumber": number, "CardTenderType": "AsCardTender", "PartyNumber": "P-0"})
+    created = ChangeEvent(template="loyalty-cards", side="fo", operation="create", key={"CardNumber": number},
+                          wire_format="fo-data-event")
+    assert (await world.engine.process(created)).created == "dataverse"
+
+
+async def fo_card_update(world: World, number: str, values: dict[str, Any]) -> ChangeEvent:
+    """An F&O user's edit of a card and the data event it raises (naming the fields it submitted)."""
+    await world.fo.update(CARDS_FO, {"CardNumber": number}, values)
+    return ChangeEvent(template="loyalty-cards", side="fo", operation="update", key={"CardNumber": number},
+                       modified_on=utc_seconds(), wire_format="fo-data-event", changed=list(values))
+
+
+async def card_rows(world: World, number: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    fo = await world.fo.get(CARDS_FO, {"CardNumber": number})
+    dv = await world.dv.get_by_key(CARDS_DV, {"msdyn_cardnumber": number})
+    assert fo is not None and dv is not None
+    return fo, dv
+
+
+async def test_an_fo_edit_of_another_field_does_not_date_an_older_fo_edit(world: World) -> None:
+    """Chaos run: F&O changed a card's party, an agent changed the party later in Dataverse, then F&O
+    changed another field. Processed first, the event of that last change gave F&O a time later than the
+    agent's edit for the whole record, and F&O's older party won. F&O's update events name the fields
+    they submitted: each event now dates its own fields only."""
+    await synced_card(world, "FIELD-1")
+    fo_party = await fo_card_update(world, "FIELD-1", {"PartyNumber": "P-FO"})
+    await asyncio.sleep(1.1)
+    await world.agent.upsert(CARDS_DV, {"msdyn_cardnumber": "FIELD-1"}, {"msdyn_partynumber": "P-AGENT"}, mode="update")
+    await asyncio.sleep(1.1)
+    fo_other = await fo_card_update(world, "FIELD-1", {"ReplacementCardNumber": "R-FO"})
+
+    first = await world.engine.process(fo_other)  # the later F&O event comes first
+    assert [c["winner"] for c in first.conflicts] == [None]  # the party waits for F&O's time
+    assert (await world.engine.process(fo_party)).reason == "conflict-deferred"  # older than the agent's
+    recheck = replace(fo_party, wire_format="recheck", modified_on=utc_seconds(), fields={"PartyNumber": "P-FO"})
+    await world.engine.process(recheck, live=False)
+
+    fo, dv = await card_rows(world, "FIELD-1")
+    assert (fo["PartyNumber"], fo["ReplacementCardNumber"]) == ("P-AGENT", "R-FO")
+    assert (dv["msdyn_partynumber"], dv["msdyn_replacementcardnumber"]) == ("P-AGENT", "R-FO")
+
+
+async def test_the_syncs_own_dataverse_write_does_not_date_an_older_agent_edit(world: World) -> None:
+    """Chaos run: an agent changed a card's party, F&O changed it later, and the sync then wrote another
+    field to Dataverse. Dataverse's `modifiedon` (one per row) became the time of that write, later than
+    F&O's edit, and the agent's older party won. The sync's own write no longer dates Dataverse's fields:
+    the time of the person's change seen before it does."""
+    await synced_card(world, "OWN-1")
+    await asyncio.sleep(1.1)  # Dataverse's times are whole seconds: the agent's edit is after the copy's second
+    await world.agent.upsert(CARDS_DV, {"msdyn_cardnumber": "OWN-1"}, {"msdyn_partynumber": "P-AGENT"}, mode="update")
+    await asyncio.sleep(1.1)
+    fo_party = await fo_card_update(world, "OWN-1", {"PartyNumber": "P-FO"})
+    await asyncio.sleep(1.1)
+    fo_other = await fo_card_update(world, "OWN-1", {"OmOperatingUnitNumber": "S-FO"})
+
+    first = await world.engine.process(fo_other)  # writes S-FO to Dataverse; the party waits for F&O's time
+    assert first.writes == {"dataverse": ["OmOperatingUnitNumber"]}
+    outcome = await world.engine.process(fo_party)
+
+    assert [c["winner"] for c in outcome.conflicts] == ["fo"]
+    fo, dv = await card_rows(world, "OWN-1")
+    assert (fo["PartyNumber"], fo["OmOperatingUnitNumber"]) == ("P-FO", "S-FO")
+    assert (dv["msdyn_partynumber"], dv["msdyn_operatingunitnumber"]) == ("P-FO", "S-FO")
