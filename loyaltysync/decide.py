@@ -308,7 +308,10 @@ def with_pending(
       the one the step read, `@row_id`, or `recreated`: its create event is later than the
       intent): the delete landed and a person created the record again since;
     - a side the step was creating the record on, whose delete event is being processed
-      (`deleted`), had the record: the create landed, and the delete propagates.
+      (`deleted`), had the record: the create landed, and the delete propagates;
+    - a side the step was creating the record on that holds other values, whose create event
+      is later than the intent and not the sync's (`recreated`), holds a person's new record:
+      whether or not the step's create landed, that record is new, as after a tombstone.
     """
     merged = dict(agreed.values)
     landed = False
@@ -321,12 +324,20 @@ def with_pending(
         if record.values is None:
             landed = landed or (bool(intent.get("@create")) and side == deleted)
             continue
+        if intent.get("@create") and side == recreated and not holds(intent, record):
+            return Agreed(values=merged, exists=False)
         landed = landed or bool(intent.get("@create"))
         for name, value in intent.items():
             if not name.startswith("@") and record.values.get(name) == value:
                 merged[name] = value
                 landed = True
     return Agreed(values=merged, exists=True) if landed else agreed
+
+
+def holds(intent: Canonical, record: SideRecord) -> bool:
+    """Whether a side's record holds every value an intent was writing there."""
+    values = record.values or {}
+    return all(values.get(name) == value for name, value in intent.items() if not name.startswith("@"))
 
 
 def another_row(intent: Canonical, record: SideRecord) -> bool:
@@ -345,6 +356,7 @@ __all__ = [
     "agreed_from_state",
     "another_row",
     "decide",
+    "holds",
     "is_newer",
     "is_stale",
     "latest",

@@ -220,7 +220,7 @@ class Engine:
         if record is not None and record.pending:
             records: dict[Side, SideRecord] = {"fo": fo, "dataverse": dv}
             deleted = _after_intent(record.pending, event, "delete")
-            recreated = _after_intent(record.pending, event, "create")
+            recreated = None if ours else _after_intent(record.pending, event, "create")
             unsure = _unsure(record.pending, records, deleted, recreated) if live else None
             if unsure is not None:
                 return _waiting_for_event(template, event, key_text, unsure)

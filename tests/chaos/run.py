@@ -222,7 +222,7 @@ async def run_chaos(
     report.converged = not report.problems and report.lost == 0 and report.duplicates == 0
     report.notes.append(
         f"crashes {dict(crashes.counts)}; process kills {kills}"
-        + (f" {dict(second.kill_points())} in {second.starts} starts, settles refused for a stale pop receipt "
+        + (f" {dict(second.kill_points())} in {second.starts} starts, settles refused for a lost lease "
            f"{second.stale_receipts()}" if second is not None else "")
         + f"; storms and outages: {'; '.join(generator.played) or 'none'}; "
         f"conflicts played {generator.tally.conflicts}; operations refused by faults {generator.tally.failed}"

@@ -742,3 +742,28 @@ async def test_the_syncs_own_dataverse_write_does_not_date_an_older_agent_edit(w
     fo, dv = await card_rows(world, "OWN-1")
     assert (fo["PartyNumber"], fo["OmOperatingUnitNumber"]) == ("P-FO", "S-FO")
     assert (dv["msdyn_partynumber"], dv["msdyn_operatingunitnumber"]) == ("P-FO", "S-FO")
+
+
+async def test_a_record_created_by_a_person_after_a_crashed_create_is_copied_not_deleted(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills): the worker copying a new F&O level to Dataverse died before the
+    write; F&O deleted the level; an agent created it in Dataverse. The intent "create in Dataverse" and a
+    Dataverse row read as "the create landed", so the level counted as agreed on both sides, missing in
+    F&O, and the agent's level was deleted. A create event later than the intent, not the sync's, with
+    other values than the intent's, is a person's new record."""
+    await world.fo.create(FO_SET, {"LevelPhrase": "NEW-2", "LevelDescription": "from F&O"})
+    created = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "NEW-2"},
+                          modified_on=utc_seconds(), wire_format="fo-data-event")
+    await _crash_before_write(world, monkeypatch, created, Engine, "write_dataverse")
+    await world.fo.delete(FO_SET, {"LevelPhrase": "NEW-2"})
+    fo_deleted = replace(created, operation="delete", modified_on=utc_seconds())
+    assert (await world.engine.process(fo_deleted)).reason == "conflict-deferred"
+    await asyncio.sleep(1.1)
+
+    outcome = await world.engine.process(await world.agent_create("NEW-2", "from the agent"))
+
+    assert outcome.created == "fo"
+    assert await world.fo_description("NEW-2") == "from the agent"
+    row = await world.dv_row("NEW-2")
+    assert row is not None and row["msdyn_description"] == "from the agent"
