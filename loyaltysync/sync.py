@@ -382,11 +382,13 @@ class Engine:
     async def write_fo(
         self, template: Template, key: Mapping[str, str], values: Mapping[str, Any], *, create: bool
     ) -> None:
-        """Write canonical values to F&O by natural key: create (race-safe) or update-only."""
+        """Write canonical values to F&O by natural key: create-only or update-only."""
         body = mapping.canonical_to_fo(template, values, create=create)
         fo_key = mapping.fo_key(template, key)
         if create:
-            await self.fno.create_or_update(template.fo.entity_set, fo_key, {**body, **fo_key})
+            if not await self.fno.create_new(template.fo.entity_set, fo_key, body):
+                # Created meanwhile (by a person, or by this POST before a timeout): decide again.
+                raise ConcurrencyError(f"{template.fo.entity_set} {fo_key} exists now")
         else:
             await self.fno.update(template.fo.entity_set, fo_key, body)
 

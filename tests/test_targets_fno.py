@@ -103,42 +103,31 @@ async def test_get_returns_the_record_or_none() -> None:
     await client.aclose()
 
 
-async def test_create_or_update_updates_an_existing_record_with_one_patch() -> None:
-    fake = FakeFno([NO_CONTENT])
-    result = await fake.client().create_or_update(CARDS, {"CardNumber": "C-1"}, {"PartyNumber": "P1"})
-    assert result == "updated"
-    assert [(s.method, s.path, s.body) for s in fake.seen] == [
-        ("PATCH", "RetailLoyaltyCards(CardNumber='C-1')", {"PartyNumber": "P1"})
-    ]
-
-
-async def test_create_or_update_creates_on_404() -> None:
-    fake = FakeFno([NOT_FOUND, JSONResponse({"CardNumber": "C-1"}, status_code=201)])
+async def test_create_new_posts_the_record_with_its_key() -> None:
+    fake = FakeFno([JSONResponse({"CardNumber": "C-1"}, status_code=201)])
     key = {"CardNumber": "C-1", "dataAreaId": "usrt"}
-    assert await fake.client().create_or_update("Cards", key, {"PartyNumber": "P1"}) == "created"
-    patch, post = fake.seen
-    assert patch.query == {"cross-company": "true"}
+    assert await fake.client().create_new("Cards", key, {"PartyNumber": "P1"}) is True
+    (post,) = fake.seen
     assert (post.method, post.path) == ("POST", "Cards")
     assert post.body == {"PartyNumber": "P1", "dataAreaId": "usrt", "CardNumber": "C-1"}
 
 
-async def test_create_or_update_race_patch_404_post_already_exists_patch_204() -> None:
+async def test_create_new_of_an_existing_record_reports_it_and_writes_nothing() -> None:
+    """A record created meanwhile is not overwritten (the engine decides again from fresh reads)."""
     exists = fo_error(500, "Write failed for table row of type 'RetailLoyaltyCardEntity'. The record already exists.")
-    fake = FakeFno([NOT_FOUND, exists, NO_CONTENT])
-    assert await fake.client().create_or_update(CARDS, {"CardNumber": "C-1"}, {"PartyNumber": "P1"}) == "updated"
-    assert [s.method for s in fake.seen] == ["PATCH", "POST", "PATCH"]
-    assert fake.seen[2].body == {"PartyNumber": "P1"}
+    fake = FakeFno([exists])
+    assert await fake.client().create_new(CARDS, {"CardNumber": "C-1"}, {"PartyNumber": "P1"}) is False
+    assert [s.method for s in fake.seen] == ["POST"]
 
 
-async def test_create_or_update_raises_other_create_failures_with_the_inner_message() -> None:
+async def test_create_new_raises_other_create_failures_with_the_inner_message() -> None:
     inner = "Write failed. Infolog: The value 'Local' in field 'Customer group' is not found in the related table."
-    fake = FakeFno([NOT_FOUND, fo_error(500, inner)])
+    fake = FakeFno([fo_error(500, inner)])
     with pytest.raises(TargetError) as caught:
-        await fake.client().create_or_update(CARDS, {"CardNumber": "C-1"}, {"PartyNumber": "P1"})
+        await fake.client().create_new(CARDS, {"CardNumber": "C-1"}, {"PartyNumber": "P1"})
     assert caught.value.status == 500
     assert caught.value.message == inner
     assert caught.value.target == "fno"
-    assert [s.method for s in fake.seen] == ["PATCH", "POST"]
 
 
 async def test_update_of_a_missing_record_raises_not_found() -> None:

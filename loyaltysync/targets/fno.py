@@ -2,10 +2,10 @@
 
 Keys follow wire-formats 2.1: every key field, company-specific entities with
 `dataAreaId` first and `cross-company=true` on the URL so a company other than
-the user's default one is reachable. F&O documents no upsert, so
-`create_or_update` is PATCH, then POST on 404, then PATCH again when the POST
-lost a race to another writer (part C). Token, retry, concurrency cap and error
-translation live in `TargetHttp`.
+the user's default one is reachable. F&O documents no upsert: writes are
+update-only (PATCH, 404 when missing) or create-only (`create_new`: POST, which
+reports a record that exists already instead of overwriting it). Token, retry,
+concurrency cap and error translation live in `TargetHttp`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import httpx
 from azure.core.credentials_async import AsyncTokenCredential
@@ -117,7 +117,7 @@ class FnoClient:
     async def create(self, entity_set: str, body: Mapping[str, Any]) -> Row:
         """POST a new record (body with `dataAreaId` and every key field); the created record.
 
-        Not retried after a timeout: `create_or_update` is the safe way to write.
+        Not retried after a timeout: `create_new` is the safe way to write.
         """
         response = await self.http.request(
             "POST", check_name(entity_set), json=dict(body), headers={"Prefer": "return=representation"}
@@ -128,28 +128,21 @@ class FnoClient:
         """PATCH the record `key`; raises `TargetError` (404, `not_found`) when it does not exist."""
         await self.http.request("PATCH", key_path(entity_set, key), json=dict(body))
 
-    async def create_or_update(
-        self, entity_set: str, key: Key, body: Mapping[str, Any]
-    ) -> Literal["created", "updated"]:
-        """Make the record `key` hold `body`: PATCH; on 404 POST (key merged in); if that POST finds
-        the record created meanwhile, PATCH again. Returns what happened.
+    async def create_new(self, entity_set: str, key: Key, body: Mapping[str, Any]) -> bool:
+        """POST the record `key` (key merged into `body`); False when it exists already.
+
+        Retried after a timeout: F&O refuses a second record with the same key ("...already
+        exists"), so a retry of a POST that did land reports False instead of creating twice.
+        Never turned into an update: a record someone created meanwhile is not overwritten.
         """
         try:
-            await self.update(entity_set, key, body)
-            return "updated"
-        except TargetError as error:
-            if not error.not_found:
-                raise
-        try:
-            # Idempotent here: a POST replayed after a timeout that did succeed ends in the PATCH below.
             await self.http.request("POST", check_name(entity_set), json={**body, **ordered_key(key)}, idempotent=True)
-            return "created"
         except TargetError as error:
-            if not lost_create_race(error):
-                raise
-            log.info("%s: create of an existing record (race); updating instead", entity_set)
-        await self.update(entity_set, key, body)
-        return "updated"
+            if lost_create_race(error):
+                log.info("%s: create of a record that exists now", entity_set)
+                return False
+            raise
+        return True
 
     async def delete(self, entity_set: str, key: Key, *, cross_company: bool = False) -> bool:
         """Delete the record `key`; False when there was none."""

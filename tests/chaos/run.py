@@ -352,6 +352,8 @@ async def _judge(
     parked = {(d.template, d.key) for d in letters}
     if parked != set(poisoned):
         report.problems.append(f"dead letters {sorted(parked)} are not exactly the poisoned records {poisoned}")
+        report.problems += [f"unexpected dead letter {d.template} {d.key}: {d.reason}"
+                            for d in letters if (d.template, d.key) not in model.poisoned]
     for letter in letters:
         if (letter.template, letter.key) in model.poisoned and POISON_CURRENCY not in letter.reason:
             report.problems.append(f"dead letter {letter.key} does not name the unknown currency: {letter.reason}")

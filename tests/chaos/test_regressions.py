@@ -416,14 +416,14 @@ async def test_a_step_waits_for_another_instances_write_in_flight(
                           row_id=row["msdyn_loyaltylevelid"], source_version=str(row["versionnumber"]),
                           modified_on=row["modifiedon"], initiating_user=AGENT_USER.systemuserid)
     gate, writing = asyncio.Event(), asyncio.Event()
-    write = world.fo.create_or_update
+    write = world.fo.create_new
 
     async def slow_write(*args: Any, **kwargs: Any) -> Any:
         writing.set()
         await gate.wait()
         return await write(*args, **kwargs)
 
-    monkeypatch.setattr(world.fo, "create_or_update", slow_write)
+    monkeypatch.setattr(world.fo, "create_new", slow_write)
     a = asyncio.create_task(world.engine.process(created))
     await asyncio.wait_for(writing.wait(), 5)  # A stored its intent and is writing F&O
     assert await world.agent.delete_by_key(DV_SET, {"msdyn_levelphrase": "RACE-1"})
@@ -602,7 +602,7 @@ async def test_a_late_delete_event_older_than_a_crashed_create_does_not_delete_t
     await asyncio.sleep(1.1)  # the agent's create comes in a later second than F&O's delete
 
     recreated = await world.agent_create("LATE-2", "second life")
-    await _crash_before_write(world, monkeypatch, recreated, world.fo, "create_or_update")
+    await _crash_before_write(world, monkeypatch, recreated, world.fo, "create_new")
 
     late = await world.engine.process(fo_deleted)
     assert late.reason == "conflict-deferred" and late.deleted is None
@@ -767,3 +767,33 @@ async def test_a_record_created_by_a_person_after_a_crashed_create_is_copied_not
     assert await world.fo_description("NEW-2") == "from the agent"
     row = await world.dv_row("NEW-2")
     assert row is not None and row["msdyn_description"] == "from the agent"
+
+
+async def test_a_copy_that_finds_a_record_created_meanwhile_does_not_overwrite_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run: a step read an agent's new level (missing in F&O) and created it in F&O; its POST came
+    after an F&O user had created the same level. The create that found the record turned into an update
+    and overwrote the F&O user's values with the agent's older ones. Now the step decides again."""
+    created = await world.agent_create("BOTH-1", "from the agent")
+    await asyncio.sleep(1.1)
+    create_new = world.fo.create_new
+    fo_created: list[ChangeEvent] = []
+
+    async def fo_user_first(*args: Any, **kwargs: Any) -> bool:
+        await world.fo.create(FO_SET, {"LevelPhrase": "BOTH-1", "LevelDescription": "from F&O"})
+        fo_created.append(ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "BOTH-1"},
+                                      modified_on=utc_seconds(), wire_format="fo-data-event"))
+        return await create_new(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(world.fo, "create_new", fo_user_first)
+        outcome = await world.engine.process(created)
+    assert outcome.created is None and outcome.reason == "conflict-deferred"  # F&O's time: in its event
+    assert await world.fo_description("BOTH-1") == "from F&O"  # not overwritten
+
+    decided = await world.engine.process(fo_created[0])
+
+    assert [(c["field"], c["winner"]) for c in decided.conflicts] == [("LevelDescription", "fo")]  # the later
+    row = await world.dv_row("BOTH-1")
+    assert row is not None and row["msdyn_description"] == "from F&O"
