@@ -292,6 +292,7 @@ def with_pending(
     *,
     deleted: Side | None = None,
     recreated: Side | None = None,
+    echo: tuple[Side, Canonical] | None = None,
 ) -> Agreed:
     """The agreed state, counting what an interrupted sync step did as agreed where it landed.
 
@@ -311,10 +312,21 @@ def with_pending(
       (`deleted`), had the record: the create landed, and the delete propagates;
     - a side the step was creating the record on that holds other values, whose create event
       is later than the intent and not the sync's (`recreated`), holds a person's new record:
-      whether or not the step's create landed, that record is new, as after a tombstone.
+      whether or not the step's create landed, that record is new, as after a tombstone;
+    - a side whose `echo` (the values the event of the sync's own write there carried) holds
+      the pending values had them written, even if a person has changed them again since (a
+      person who put back the old value made a change, not nothing).
     """
     merged = dict(agreed.values)
     landed = False
+    if echo is not None:
+        side, values = echo
+        intent = pending.get(side) or {}
+        written = {name: value for name, value in intent.items() if not name.startswith("@")}
+        shown = [name for name in written if name in values]  # lookups arrive as row ids: not shown
+        if shown and all(values[name] == written[name] for name in shown):
+            merged.update(written)
+            landed = True
     for side, record in records.items():
         intent = pending.get(side) or {}
         if intent.get("@delete"):

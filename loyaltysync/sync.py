@@ -224,7 +224,13 @@ class Engine:
             unsure = _unsure(record.pending, records, deleted, recreated) if live else None
             if unsure is not None:
                 return _waiting_for_event(template, event, key_text, unsure)
-            agreed = with_pending(agreed, record.pending, records, deleted=deleted, recreated=recreated)
+            # The webhook of the sync's own write carries the row as written: proof it landed, even
+            # when a person has changed the row again since.
+            echoed = event.side if ours and event.complete and event.operation != "delete" else None
+            agreed = with_pending(
+                agreed, record.pending, records, deleted=deleted, recreated=recreated,
+                echo=(echoed, dict(event.fields)) if echoed else None,
+            )
         decision = decide(template, fo, dv, agreed, trigger=event.side, live=live, from_integration_user=ours)
         if decision.acts:
             record = await self._intend(template, key_text, record, agreed, decision, {"fo": fo, "dataverse": dv})

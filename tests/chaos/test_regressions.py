@@ -797,3 +797,30 @@ async def test_a_copy_that_finds_a_record_created_meanwhile_does_not_overwrite_i
     assert [(c["field"], c["winner"]) for c in decided.conflicts] == [("LevelDescription", "fo")]  # the later
     row = await world.dv_row("BOTH-1")
     assert row is not None and row["msdyn_description"] == "from F&O"
+
+
+async def test_a_value_put_back_after_a_crashed_copy_is_a_change(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills): F&O changed a level ("a" to "b"); the worker copied "b" to Dataverse
+    and died before storing the state; an agent then put "a" back in Dataverse. Dataverse held the agreed
+    "a" again, so it looked unchanged and F&O's older "b" was copied over the agent's later edit. The
+    webhook of the sync's own write carries "b": proof the copy landed, so "a" is the agent's change."""
+    await synced_level(world, "ABA-1", "a")
+    await world.fo.update(FO_SET, {"LevelPhrase": "ABA-1"}, {"LevelDescription": "b"})
+    fo_event = ChangeEvent(template=LEVELS, side="fo", operation="update", key={"LevelPhrase": "ABA-1"},
+                           modified_on=utc_seconds(), wire_format="fo-data-event", changed=["LevelDescription"])
+    await _crash_before_state(world, monkeypatch, fo_event)
+    row = await world.dv_row("ABA-1")
+    assert row is not None and row["msdyn_description"] == "b"
+    echo = ChangeEvent(template=LEVELS, side="dataverse", operation="update", key={"LevelPhrase": "ABA-1"},
+                       fields={"LevelPhrase": "ABA-1", "LevelDescription": "b"}, complete=True,
+                       row_id=row["msdyn_loyaltylevelid"], source_version=str(row["versionnumber"]),
+                       modified_on=row["modifiedon"], initiating_user=INTEGRATION_USER.systemuserid)
+    await asyncio.sleep(1.1)
+    await world.agent_edit("ABA-1", "a")
+
+    outcome = await world.engine.process(echo)  # the webhook of the crashed step's write
+
+    assert outcome.writes == {"fo": ["LevelDescription"]}
+    assert await world.fo_description("ABA-1") == "a"
