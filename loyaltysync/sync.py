@@ -85,6 +85,8 @@ class _Raced(ConcurrencyError):
         self.outcome = outcome
 
 
+# The code of the transient TargetError for a record another instance is writing (see Engine._process).
+RECORD_BUSY = "RecordBusy"
 # In `SyncRecord.modified`: F&O's change time of one field ("fo:CardTenderType"), from update events
 # that name the fields they submitted.
 FO_FIELD_TIME = "fo:"
@@ -97,6 +99,10 @@ WRITTEN_SINCE_READ = "dataverse:written"
 
 class _Busy(ConcurrencyError):
     """Another step (another instance, or one that just died) stored an intent for this record moments ago."""
+
+    def __init__(self, message: str, until_s: float) -> None:
+        super().__init__(message)
+        self.until_s = until_s  # seconds until that intent counts as a dead step's
 
 
 class Engine:
@@ -157,25 +163,33 @@ class Engine:
             # answers are stale on whichever instance picks the replayed message up.
             self.lookups.forget()
         earlier: Outcome | None = None
+        busy: _Busy | None = None
         for attempt in range(1, MAX_STATE_RACES + 1):
             try:
                 outcome = await self._step(template, event, live=live)
-            except _Busy:
+            except _Busy as exc:
                 log.info("%s %s is being written by another step; waiting", template.name, event.key_text)
+                busy = exc
                 await asyncio.sleep(BUSY_PAUSE_S * attempt)
                 continue
             except _Raced as raced:
                 # The writes of the raced attempt happened; the re-run sees their result.
                 log.info("state of %s %s changed under us; re-running", template.name, event.key_text)
                 earlier = raced.outcome if raced.outcome.applied else earlier
+                busy = None
                 continue
             except ConcurrencyError:
                 log.info("%s %s changed while writing; re-running", template.name, event.key_text)
+                busy = None
                 continue
             if earlier is not None and not outcome.applied:
                 outcome = earlier
             outcome.duration_ms = (time.perf_counter() - started) * 1000
             return outcome
+        if busy is not None:
+            # Another instance's intent, fresh until `busy.until_s` from now (it may have died): the
+            # worker puts the event back for then, not counting it as a failed attempt.
+            raise TargetError("state", 503, RECORD_BUSY, str(busy), retry_after=busy.until_s)
         # Transient (503): the queue tries the message again after its visibility timeout, by when the
         # other writer is done. (A 409 would be taken for a permanent refusal and parked.)
         raise TargetError("state", 503, "ConcurrencyVersionMismatch", "sync state kept changing; will retry")
@@ -189,10 +203,11 @@ class Engine:
         ours = (event.initiating_user or "").lower() in self.integration_users
         if record is not None and is_stale(event.source_version, record.versions.get(event.side)):
             return Outcome(template.name, event.side, key_text, "echo" if ours else "stale")
-        if record is not None and _writing_elsewhere(record, self.writing_elsewhere_s, self.instance):
+        fresh_s = _writing_elsewhere(record, self.writing_elsewhere_s, self.instance) if record else 0.0
+        if fresh_s > 0:
             # Its writes may not have landed yet: reading now could miss them, and clearing its intent
             # would lose the proof that they are the sync's own (see SyncRecord.pending).
-            raise _Busy(f"{template.name} {key_text} is being written by another step")
+            raise _Busy(f"{template.name} {key_text} is being written by another step", fresh_s)
 
         # A payload can predate a delete already applied (webhooks come late and out of order, and a
         # delete carries no version to make them stale): for a tombstone only a re-read says it exists.
@@ -567,7 +582,7 @@ def _changed_since_deferral(fo: SideRecord, recheck: ChangeEvent) -> SideRecord:
 
 
 def _written_since_read(record: SyncRecord | None, side: Side) -> bool:
-    """Whether the sync wrote Dataverse after its last read there (or a step that died may have).
+    """Whether the sync wrote Dataverse after its last read there (or a step that died may have written).
 
     A Dataverse webhook's payload is the row as of that change. A change made between a step's
     read and its write has a higher version than the read, so it is not stale, but its payload
@@ -576,26 +591,28 @@ def _written_since_read(record: SyncRecord | None, side: Side) -> bool:
     """
     if side != "dataverse" or record is None:
         return False
-    return WRITTEN_SINCE_READ in record.versions or "dataverse" in record.pending
+    # Any intent left by a step that died: what it did is judged from fresh reads (a payload from
+    # before its delete would bring the record back).
+    return WRITTEN_SINCE_READ in record.versions or bool(record.pending)
 
 
-def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> bool:
-    """Whether the record holds another instance's intent stored less than `within_s` seconds ago.
+def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> float:
+    """Seconds until another instance's intent on the record is `within_s` old (0: none, or older).
 
     This process's own intents are not: steps on one record run one at a time here (the
     per-key lock), so an own intent seen by a step is from one that failed or died.
     """
     meta = record.pending.get("@", {})
     if meta.get("by") == instance:
-        return False
+        return 0.0
     stored = meta.get("at")
     try:
         at = mapping.parse_datetime(stored) if isinstance(stored, str) else None
     except ValueError:
-        return False
+        return 0.0
     if at is None:
-        return False
-    return (datetime.now(UTC) - at).total_seconds() < within_s
+        return 0.0
+    return max(0.0, within_s - (datetime.now(UTC) - at).total_seconds())
 
 
 def _after_intent(pending: dict[str, dict[str, Any]], event: ChangeEvent, operation: str) -> Side | None:

@@ -28,7 +28,7 @@ from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.mapping import parse_datetime
 from loyaltysync.runtime import Runtime
 from loyaltysync.state import dead_letter_id
-from loyaltysync.sync import Outcome
+from loyaltysync.sync import RECORD_BUSY, Outcome
 from loyaltysync.templates import SIDES
 
 log = logging.getLogger("loyaltysync.worker")
@@ -99,6 +99,14 @@ async def _handle_event(
             await _park(runtime, event, str(exc), "MappingError")
         return None
     except TargetError as exc:
+        if exc.code == RECORD_BUSY:
+            # Another instance is writing the record (or died doing so): back on the queue for when its
+            # intent is old enough to judge, without spending one of the message's attempts.
+            await runtime.enqueue(event.template, body, delay_s=max(1, math.ceil(exc.retry_after or 1)))
+            recorder.retrying(event, RECORD_BUSY)
+            log.info("%s %s is busy elsewhere; event %s re-queued", event.template, event.key_text, event.event_id,
+                     extra=recorder.log_extra(event, decision="retrying"))
+            return None
         if not exc.transient:
             await _park(runtime, event, str(exc), exc.code or str(exc.status), status=exc.status)
             return None

@@ -30,7 +30,7 @@ from loyaltysync.runtime import SUCCESS_SCOPE, LatestDocuments, Runtime, build_r
 from loyaltysync.settings import load_settings
 from loyaltysync.state import MemoryControlStore
 from loyaltysync.state_tables import TableDeadLetterStore
-from loyaltysync.sync import Outcome
+from loyaltysync.sync import RECORD_BUSY, Outcome
 from loyaltysync.templates import default_mappings_dir, load_templates
 
 TEMPLATES = load_templates(default_mappings_dir())
@@ -276,3 +276,25 @@ async def test_unreachable_storage_is_a_transient_failure_retried_then_parked(
     (letter,) = await runtime.dead_letters.list()
     assert (letter.key, letter.error_code) == ("C-OUT", "StorageUnreachable")
     assert "Connection reset by peer" in letter.reason
+
+
+async def test_a_record_another_instance_is_writing_is_requeued_without_spending_an_attempt(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record held by another instance's fresh intent (which may have died) is not an attempt that
+    failed: even on the last attempt the event goes back on the queue for when the intent is old enough
+    to judge, and nothing is parked."""
+    runtime = await make_runtime()
+
+    async def busy(*args: object, **kwargs: object) -> None:
+        raise TargetError("state", 503, RECORD_BUSY, "C-BUSY is being written by another step", retry_after=7.2)
+
+    monkeypatch.setattr(runtime.engine, "process", busy)
+    event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-BUSY"})
+
+    assert await worker.handle_change(runtime, event.to_json(), dequeue_count=5, max_dequeue=5) is None
+    assert await runtime.dead_letters.list() == []
+    messages = [m async for m in runtime.queue(CARDS).receive_messages(visibility_timeout=1)]
+    assert messages == []  # not visible yet: delayed by the intent's remaining seconds
+    props = await runtime.queue(CARDS).get_queue_properties()
+    assert props.approximate_message_count == 1

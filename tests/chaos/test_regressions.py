@@ -22,7 +22,7 @@ from loyaltysync.sandbox import dataverse as dataverse_emulator
 from loyaltysync.sandbox import fno as fno_emulator
 from loyaltysync.sandbox.dataverse import AGENT_USER, INTEGRATION_USER
 from loyaltysync.state import MemoryStateStore
-from loyaltysync.sync import Engine
+from loyaltysync.sync import RECORD_BUSY, Engine
 from loyaltysync.targets.auth import StaticTokenCredential
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.fno import FnoClient
@@ -455,7 +455,8 @@ async def test_a_record_busy_for_longer_than_the_pauses_is_retried_later_not_par
 
     with pytest.raises(TargetError) as raised:
         await other.process(event)
-    assert raised.value.transient
+    assert raised.value.transient and raised.value.code == RECORD_BUSY
+    assert raised.value.retry_after is not None and 50 < raised.value.retry_after <= 60  # when to look again
 
 
 async def test_a_copy_deleted_right_after_a_crashed_create_is_not_created_again(
@@ -824,3 +825,27 @@ async def test_a_value_put_back_after_a_crashed_copy_is_a_change(
 
     assert outcome.writes == {"fo": ["LevelDescription"]}
     assert await world.fo_description("ABA-1") == "a"
+
+
+async def test_a_late_payload_after_a_crashed_delete_does_not_bring_the_record_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills): an agent edited a level, then deleted it; the worker deleted it in
+    F&O and died before storing the tombstone. The edit's webhook, late, carried the row as it was before
+    the delete: taken as Dataverse's current row, with F&O gone by the sync's intent (a tombstone), it
+    read as a new record and the level was created again in F&O. With an intent left, payloads are
+    re-read."""
+    await synced_level(world, "PAY-2", "a")
+    late = await world.agent_edit("PAY-2", "edited just before the delete")
+    row = await world.dv_row("PAY-2")
+    assert row is not None
+    assert await world.agent.delete_by_key(DV_SET, {"msdyn_levelphrase": "PAY-2"})
+    deleted = ChangeEvent(template=LEVELS, side="dataverse", operation="delete", key={"LevelPhrase": "PAY-2"},
+                          row_id=row["msdyn_loyaltylevelid"], initiating_user=AGENT_USER.systemuserid)
+    await _crash_before_state(world, monkeypatch, deleted)
+    assert await world.fo_description("PAY-2") is None  # the delete reached F&O before the crash
+
+    outcome = await world.engine.process(late)
+
+    assert outcome.created is None
+    assert await world.gone("PAY-2")
