@@ -59,6 +59,21 @@ class World:
     async def dv_row(self, phrase: str) -> dict[str, Any] | None:
         return await self.dv.get_by_key(DV_SET, {"msdyn_levelphrase": phrase})
 
+    async def both_hold(self, phrase: str, description: str) -> bool:
+        """Whether the level has `description` on both sides."""
+        row = await self.dv_row(phrase)
+        return await self.fo_description(phrase) == description and row is not None and (
+            row["msdyn_description"] == description
+        )
+
+    async def agent_delete(self, phrase: str) -> ChangeEvent:
+        """An agent's delete in Dataverse and the delete webhook event it raises (row id, no version)."""
+        row = await self.dv_row(phrase)
+        assert row is not None
+        assert await self.agent.delete_by_key(DV_SET, {"msdyn_levelphrase": phrase})
+        return ChangeEvent(template=LEVELS, side="dataverse", operation="delete", key={"LevelPhrase": phrase},
+                           row_id=row["msdyn_loyaltylevelid"], initiating_user=AGENT_USER.systemuserid)
+
     async def gone(self, phrase: str) -> bool:
         """Whether the level is missing on both sides."""
         return await self.fo_description(phrase) is None and await self.dv_row(phrase) is None
@@ -138,11 +153,7 @@ async def test_a_late_update_webhook_does_not_bring_back_a_deleted_record(world:
     """
     await synced_level(world, "LATE-1", "first")
     late = await world.agent_edit("LATE-1", "edited just before the delete")
-    row = await world.dv_row("LATE-1")
-    assert row is not None
-    assert await world.agent.delete_by_key(DV_SET, {"msdyn_levelphrase": "LATE-1"})
-    deleted = ChangeEvent(template=LEVELS, side="dataverse", operation="delete", key={"LevelPhrase": "LATE-1"},
-                          row_id=row["msdyn_loyaltylevelid"], initiating_user=AGENT_USER.systemuserid)
+    deleted = await world.agent_delete("LATE-1")
     assert (await world.engine.process(deleted)).deleted == "fo"
 
     outcome = await world.engine.process(late)
@@ -348,9 +359,7 @@ async def test_a_record_recreated_after_a_crashed_delete_is_copied_not_deleted(
     for event in (recreated, deleted):  # the re-create's event, then the crashed message again
         await world.engine.process(event)
 
-    assert await world.fo_description("GONE-1") == "second life"
-    row = await world.dv_row("GONE-1")
-    assert row is not None and row["msdyn_description"] == "second life"
+    assert await world.both_hold("GONE-1", "second life")
 
 
 async def test_a_late_create_after_a_crashed_copy_and_a_delete_deletes_instead_of_recreating(
@@ -394,9 +403,7 @@ async def test_an_fo_edit_after_the_deferral_wins_the_recheck(world: World) -> N
     outcome = await world.engine.process(recheck, live=False)
 
     assert [c["winner"] for c in outcome.conflicts] == ["fo"]
-    assert await world.fo_description("AFTER-1") == "fo, last"
-    row = await world.dv_row("AFTER-1")
-    assert row is not None and row["msdyn_description"] == "fo, last"
+    assert await world.both_hold("AFTER-1", "fo, last")
 
 
 async def test_a_step_waits_for_another_instances_write_in_flight(
@@ -469,11 +476,7 @@ async def test_a_copy_deleted_right_after_a_crashed_create_is_not_created_again(
     created = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "QUICK-1"},
                           wire_format="fo-data-event")
     await _crash_before_state(world, monkeypatch, created)
-    row = await world.dv_row("QUICK-1")
-    assert row is not None
-    assert await world.agent.delete_by_key(DV_SET, {"msdyn_levelphrase": "QUICK-1"})
-    deleted = ChangeEvent(template=LEVELS, side="dataverse", operation="delete", key={"LevelPhrase": "QUICK-1"},
-                          row_id=row["msdyn_loyaltylevelid"], initiating_user=AGENT_USER.systemuserid)
+    deleted = await world.agent_delete("QUICK-1")
 
     again = await world.engine.process(created)  # the crashed message first: it cannot tell yet
     assert again.created is None and again.reason == "conflict-deferred"
@@ -517,9 +520,7 @@ async def test_a_record_recreated_in_dataverse_after_a_crashed_delete_is_copied_
     for event in (recreated, deleted):  # the re-create's event, then the crashed message again
         await world.engine.process(event)
 
-    assert await world.fo_description("AGAIN-1") == "second life"
-    row = await world.dv_row("AGAIN-1")
-    assert row is not None and row["msdyn_description"] == "second life"
+    assert await world.both_hold("AGAIN-1", "second life")
 
 
 async def _delete_in_dataverse_and_crash_in_fo(world: World, monkeypatch: pytest.MonkeyPatch, phrase: str,
@@ -612,9 +613,7 @@ async def test_a_late_delete_event_older_than_a_crashed_create_does_not_delete_t
     outcome = await world.engine.process(recheck, live=False)
 
     assert outcome.created == "fo"
-    assert await world.fo_description("LATE-2") == "second life"
-    row = await world.dv_row("LATE-2")
-    assert row is not None and row["msdyn_description"] == "second life"
+    assert await world.both_hold("LATE-2", "second life")
 
 
 async def test_the_event_of_the_syncs_own_fo_write_does_not_date_older_fo_edits(world: World) -> None:
@@ -765,9 +764,7 @@ async def test_a_record_created_by_a_person_after_a_crashed_create_is_copied_not
     outcome = await world.engine.process(await world.agent_create("NEW-2", "from the agent"))
 
     assert outcome.created == "fo"
-    assert await world.fo_description("NEW-2") == "from the agent"
-    row = await world.dv_row("NEW-2")
-    assert row is not None and row["msdyn_description"] == "from the agent"
+    assert await world.both_hold("NEW-2", "from the agent")
 
 
 async def test_a_copy_that_finds_a_record_created_meanwhile_does_not_overwrite_it(
@@ -837,11 +834,7 @@ async def test_a_late_payload_after_a_crashed_delete_does_not_bring_the_record_b
     re-read."""
     await synced_level(world, "PAY-2", "a")
     late = await world.agent_edit("PAY-2", "edited just before the delete")
-    row = await world.dv_row("PAY-2")
-    assert row is not None
-    assert await world.agent.delete_by_key(DV_SET, {"msdyn_levelphrase": "PAY-2"})
-    deleted = ChangeEvent(template=LEVELS, side="dataverse", operation="delete", key={"LevelPhrase": "PAY-2"},
-                          row_id=row["msdyn_loyaltylevelid"], initiating_user=AGENT_USER.systemuserid)
+    deleted = await world.agent_delete("PAY-2")
     await _crash_before_state(world, monkeypatch, deleted)
     assert await world.fo_description("PAY-2") is None  # the delete reached F&O before the crash
 
