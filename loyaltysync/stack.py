@@ -31,6 +31,8 @@ import uvicorn
 from loyaltysync.azurite import Azurite, free_port
 from loyaltysync.templates import Template, default_mappings_dir, load_templates
 
+NEVER = "0 0 0 1 1 *"  # a CRON schedule for 1 January at midnight: the timer reconciler stays off
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -195,6 +197,28 @@ class Stack:
         return str(self.devhost.admin_key)
 
 
+def sandbox_settings(fo_url: str, dv_url: str, token: str, storage: str) -> dict[str, str]:
+    """The function app's settings against the sandbox emulators and an Azurite, with fresh keys.
+
+    The timer reconciler stays off (a caller runs its passes itself) and the pause flag is
+    re-checked every second.
+    """
+    from loyaltysync.sandbox.dataverse import INTEGRATION_USER
+
+    return {
+        "FNO_URL": fo_url,
+        "DATAVERSE_URL": dv_url,
+        "LOYALTYSYNC_SANDBOX_TOKEN": token,
+        "AzureWebJobsStorage": storage,
+        "INTEGRATION_USER_IDS": INTEGRATION_USER.systemuserid,
+        "RECONCILE_SCHEDULE": NEVER,
+        "PAUSE_RECHECK_SECONDS": "1",
+        "CONFLICT_GRACE_SECONDS": "3",  # the sandbox delivers events within a second
+        "DEV_FUNCTION_KEY": secrets.token_urlsafe(24),
+        "DEV_ADMIN_KEY": secrets.token_urlsafe(24),
+    }
+
+
 @contextlib.asynccontextmanager
 async def running_stack(
     *,
@@ -211,7 +235,6 @@ async def running_stack(
     """
     from loyaltysync.devhost import DevHost
     from loyaltysync.runtime import close_runtime
-    from loyaltysync.sandbox import dataverse as dataverse_emulator
 
     templates = load_templates(templates_dir or default_mappings_dir())
     token = secrets.token_urlsafe(24)
@@ -228,16 +251,7 @@ async def running_stack(
     saved = dict(os.environ)
     async with Azurite() as azurite:
         env = {
-            "FNO_URL": fo.url,
-            "DATAVERSE_URL": dv.url,
-            "LOYALTYSYNC_SANDBOX_TOKEN": token,
-            "AzureWebJobsStorage": azurite.connection_string,
-            "INTEGRATION_USER_IDS": dataverse_emulator.INTEGRATION_USER.systemuserid,
-            "RECONCILE_SCHEDULE": "0 0 0 1 1 *",
-            "PAUSE_RECHECK_SECONDS": "1",
-            "CONFLICT_GRACE_SECONDS": "3",  # the sandbox delivers events within a second
-            "DEV_FUNCTION_KEY": secrets.token_urlsafe(24),
-            "DEV_ADMIN_KEY": secrets.token_urlsafe(24),
+            **sandbox_settings(fo.url, dv.url, token, azurite.connection_string),
             **({"MAPPINGS_DIR": str(templates_dir)} if templates_dir else {}),
             **(extra_env or {}),
         }

@@ -29,11 +29,10 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from loyaltysync.azurite import Azurite, free_port
 from loyaltysync.runtime import Runtime
-from loyaltysync.stack import REPO, Server, Stack, register
+from loyaltysync.stack import REPO, Server, Stack, register, sandbox_settings
 from loyaltysync.templates import default_mappings_dir, load_templates
 
 APP_MODULE = "function_app"
-NEVER = "0 0 0 1 1 *"  # the timer reconciler stays off: the run does its one reconcile pass itself
 
 
 async def _start_emulators(token: str, seed: int) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
@@ -72,7 +71,6 @@ async def chaos_stack(*, seed: int, extra_env: dict[str, str] | None = None) -> 
     """Everything running and registered; the Stack's emulator `Server`s have no in-process app."""
     from loyaltysync.devhost import DevHost
     from loyaltysync.runtime import close_runtime
-    from loyaltysync.sandbox.dataverse import INTEGRATION_USER
 
     templates = load_templates(default_mappings_dir())
     token = secrets.token_urlsafe(24)
@@ -82,20 +80,12 @@ async def chaos_stack(*, seed: int, extra_env: dict[str, str] | None = None) -> 
     try:
         async with Azurite() as azurite:
             env = {
-                "FNO_URL": fo.url,
-                "DATAVERSE_URL": dv.url,
-                "LOYALTYSYNC_SANDBOX_TOKEN": token,
-                "AzureWebJobsStorage": azurite.connection_string,
-                "INTEGRATION_USER_IDS": INTEGRATION_USER.systemuserid,
-                "RECONCILE_SCHEDULE": NEVER,
-                "PAUSE_RECHECK_SECONDS": "1",
+                **sandbox_settings(fo.url, dv.url, token, azurite.connection_string),
                 # How long another instance may act on a stale pause flag; the conflict windows wait this out.
                 "PAUSE_CACHE_SECONDS": "1",
                 # Longer than an event can be held up here (delivery delays, a crashed message's
                 # visibility timeout, the backlog the generator allows), shorter than the default.
                 "CONFLICT_GRACE_SECONDS": "15",
-                "DEV_FUNCTION_KEY": secrets.token_urlsafe(24),
-                "DEV_ADMIN_KEY": secrets.token_urlsafe(24),
                 **(extra_env or {}),
             }
             os.environ.update(env)
