@@ -110,7 +110,10 @@ def _worker_function(template: Template):  # type: ignore[no-untyped-def]
 
 def _poison_function(template: Template):  # type: ignore[no-untyped-def]
     async def handler(msg: func.QueueMessage) -> None:
-        await worker.drain_poison(await _runtime(), msg.get_body().decode("utf-8"))
+        await worker.drain_poison(
+            await _runtime(), msg.get_body().decode("utf-8"), dequeue_count=msg.dequeue_count or 1,
+            max_dequeue=MAX_DEQUEUE,
+        )
 
     return handler
 

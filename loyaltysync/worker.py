@@ -4,12 +4,14 @@ The retry rule: a transient failure (throttling, outage, a lost state race)
 raises, so the queue redelivers the message after the visibility timeout; on
 the last allowed attempt the reason is parked first, then the host moves the
 message to `<queue>-poison`, which `drain_poison` turns into the same dead
-letter. A permanent failure (a mapping error, a 4xx from a target) is parked at
+letter (after one last try when no attempt recorded a reason: their processes
+died). A permanent failure (a mapping error, a 4xx from a target) is parked at
 once and the message completes, so one bad record never blocks the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -231,8 +233,15 @@ async def _clear_dead_letters(runtime: Runtime, template: str, key: str) -> None
         await store.remove(dead_letter_id(template, side, key))
 
 
-async def drain_poison(runtime: Runtime, body: str) -> None:
-    """A message the queue gave up on becomes a dead letter (keeping an earlier, more precise reason)."""
+async def drain_poison(runtime: Runtime, body: str, *, dequeue_count: int = 1, max_dequeue: int = 5) -> None:
+    """A message the queue gave up on becomes a dead letter (keeping an earlier, more precise reason).
+
+    When no attempt recorded a reason, every one ended with the process that held it (a crash, a
+    scale-in, a deployment, another invocation's out-of-memory): the record itself may be fine, and
+    parking it would leave a good change waiting for an operator. It gets one last try here, on the
+    poison message's first delivery only (a message that kills every process taking it must not
+    kill this one forever), and is parked only if that try fails too, with that failure's reason.
+    """
     try:
         event = ChangeEvent.from_json(body)
     except (ValueError, TypeError) as exc:
@@ -242,6 +251,15 @@ async def drain_poison(runtime: Runtime, body: str) -> None:
         return
     key = event.key_text or event.row_id or "?"
     existing = await runtime.dead_letters.get(dead_letter_id(event.template, event.side, key))
+    if existing is None and dequeue_count == 1:
+        log.warning("%s %s: every attempt ended with its process; one last try", event.template, key)
+        with contextlib.suppress(Exception):  # a failure of the last try is parked with its reason (below)
+            last = max_dequeue + 1
+            await handle_change(runtime, body, dequeue_count=last, max_dequeue=last)
+            return
+        existing = await runtime.dead_letters.get(dead_letter_id(event.template, event.side, key))
+        if existing is not None:
+            return
     reason = existing.reason if existing else "the queue gave up after the maximum number of attempts"
     await runtime.dead_letters.park(event.template, event.side, key, reason, "Poison", body, event.event_id)
 

@@ -5,7 +5,8 @@
 - "last success" is written at most once per LAST_SUCCESS_WRITE_SECONDS per direction, and ops
   status shows the latest even before it is written;
 - a successful sync clears the record's dead letters (both sides) with one partition query;
-- the Storage transports read proxy settings once instead of on every request.
+- the Storage transports read proxy settings once instead of on every request;
+- a message poisoned only by dying processes gets one last try before it is parked.
 
 Everything runs against the session's Azurite; time is a fake clock where a cache's age matters.
 """
@@ -298,3 +299,71 @@ async def test_a_record_another_instance_is_writing_is_requeued_without_spending
     assert messages == []  # not visible yet: delayed by the intent's remaining seconds
     props = await runtime.queue(CARDS).get_queue_properties()
     assert props.approximate_message_count == 1
+
+
+# ------------------------------------------------------------------ poison messages
+
+
+async def test_a_message_poisoned_by_dying_processes_gets_one_last_try_and_is_not_parked(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every attempt ended with its process (a crash, a scale-in): no reason was recorded, so the record
+    may be fine. The poison handler tries once more; it syncs, nothing is parked."""
+    runtime = await make_runtime()
+    seen: list[str] = []
+
+    async def applies(event: ChangeEvent, **kwargs: object) -> Outcome:
+        seen.append(event.event_id)
+        return Outcome(CARDS, "fo", "C-DIED", "changed", writes={"dataverse": ["CardTenderType"]})
+
+    monkeypatch.setattr(runtime.engine, "process", applies)
+    event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-DIED"})
+
+    await worker.drain_poison(runtime, event.to_json(), dequeue_count=1, max_dequeue=5)
+
+    assert seen == [event.event_id]
+    assert await runtime.dead_letters.list() == []
+
+
+async def test_a_last_try_that_fails_parks_the_message_with_that_failures_reason(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = await make_runtime()
+
+    async def fails(event: ChangeEvent, **kwargs: object) -> Outcome:
+        raise TargetError("dataverse", 503, "ServiceUnavailable", "Dataverse is down for maintenance")
+
+    monkeypatch.setattr(runtime.engine, "process", fails)
+    event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-DOWN"})
+
+    await worker.drain_poison(runtime, event.to_json(), dequeue_count=1, max_dequeue=5)
+
+    (letter,) = await runtime.dead_letters.list()
+    assert (letter.key, letter.error_code) == ("C-DOWN", "ServiceUnavailable")
+    assert "gave up after 6 attempts" in letter.reason and "down for maintenance" in letter.reason
+
+
+@pytest.mark.parametrize("earlier_reason", [True, False])
+async def test_no_last_try_for_a_message_with_a_reason_or_one_that_killed_the_poison_handler_too(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch, earlier_reason: bool
+) -> None:
+    """A message whose last attempt parked a reason keeps it; a poison message delivered again (its
+    last try killed the process) is parked without trying a third time."""
+    runtime = await make_runtime()
+    tried: list[str] = []
+
+    async def process(event: ChangeEvent, **kwargs: object) -> Outcome:
+        tried.append(event.event_id)
+        return Outcome(CARDS, "fo", "C-BAD", "changed")
+
+    monkeypatch.setattr(runtime.engine, "process", process)
+    event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-BAD"})
+    if earlier_reason:
+        await runtime.dead_letters.park(CARDS, "fo", "C-BAD", "gave up after 5 attempts: 503", "503", "{}", "e0")
+
+    await worker.drain_poison(runtime, event.to_json(), dequeue_count=1 if earlier_reason else 2, max_dequeue=5)
+
+    assert tried == []
+    (letter,) = await runtime.dead_letters.list()
+    expected = "gave up after 5 attempts: 503" if earlier_reason else "the queue gave up after the maximum"
+    assert letter.reason.startswith(expected)

@@ -248,8 +248,9 @@ def _problem_records(problems: list[str]) -> list[str]:
     found: list[str] = []
     for line in problems:
         words = line.split(":")[0].split(" ")
-        if len(words) >= 2 and words[0].startswith("loyalty-"):
-            record = f"{words[0]} {words[1]}"
+        at = next((i for i, word in enumerate(words[:-1]) if word.startswith("loyalty-")), None)
+        if at is not None:  # "<template> <key>: ..." or "unexpected dead letter <template> <key>: ..."
+            record = f"{words[at]} {words[at + 1]}"
             if record not in found:
                 found.append(record)
     return found
