@@ -57,6 +57,7 @@ class SideRecord:
     modified_on: str | None = None
     version: str | None = None
     row_id: str | None = None
+    created_by: str | None = None  # Dataverse: the user who created the row (`_createdby_value`)
     time_is_floor: bool = False
     field_times: Mapping[str, str] = field(default_factory=dict)
 
@@ -293,6 +294,7 @@ def with_pending(
     deleted: Side | None = None,
     recreated: Side | None = None,
     echo: tuple[Side, Canonical] | None = None,
+    overwritten: tuple[Side, list[str]] | None = None,
 ) -> Agreed:
     """The agreed state, counting what an interrupted sync step did as agreed where it landed.
 
@@ -313,12 +315,24 @@ def with_pending(
     - a side the step was creating the record on that holds other values, whose create event
       is later than the intent and not the sync's (`recreated`), holds a person's new record:
       whether or not the step's create landed, that record is new, as after a tombstone;
-    - a side whose `echo` (the values the event of the sync's own write there carried) holds
-      the pending values had them written, even if a person has changed them again since (a
-      person who put back the old value made a change, not nothing).
+    - a side whose `echo` (the values the event of the sync's own write there carried, or the
+      pre-image of a person's later change there: the row just before it) holds the pending
+      values had them written, even if a person has changed them again since (a person who put
+      back the old value made a change, not nothing);
+    - fields of a side that a person wrote after the intent was stored (`overwritten`: named by
+      that side's event, which is later than the intent) hold that person's values now, whether
+      or not the step's write landed before: against the intended values they are a change.
     """
     merged = dict(agreed.values)
     landed = False
+    if overwritten is not None:
+        side, names = overwritten
+        values = records[side].values or {}
+        intent = pending.get(side) or {}
+        later = {n: intent[n] for n in names if n in intent and not n.startswith("@") and values.get(n) != intent[n]}
+        if later and not intent.get("@create") and not intent.get("@delete") and records[side].exists:
+            merged.update(later)
+            landed = True
     if echo is not None:
         side, values = echo
         intent = pending.get(side) or {}

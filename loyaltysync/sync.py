@@ -33,6 +33,7 @@ from loyaltysync.decide import (
     SideRecord,
     agreed_from_state,
     decide,
+    holds,
     is_newer,
     is_stale,
     latest,
@@ -95,6 +96,8 @@ DATAVERSE_WRITTEN_AT = "dataverse:written-at"
 # In `SyncRecord.versions`: present while the sync's last Dataverse write is newer than its last read
 # there (the value is the version read before that write).
 WRITTEN_SINCE_READ = "dataverse:written"
+# Read with every Dataverse row besides the mapped columns: who created it (see Engine._created_by_person).
+CREATED_BY = "_createdby_value"
 
 
 class _Busy(ConcurrencyError):
@@ -235,16 +238,19 @@ class Engine:
         if record is not None and record.pending:
             records: dict[Side, SideRecord] = {"fo": fo, "dataverse": dv}
             deleted = _after_intent(record.pending, event, "delete")
-            recreated = None if ours else _after_intent(record.pending, event, "create")
-            unsure = _unsure(record.pending, records, deleted, recreated) if live else None
+            recreated = None if ours else (
+                _after_intent(record.pending, event, "create") or self._created_by_person(record.pending, dv)
+            )
+            echo = _proof_of_write(event, ours)
+            unsure = _unsure(record.pending, records, deleted, recreated, echo[0] if echo else None) if live else None
             if unsure is not None:
                 return _waiting_for_event(template, event, key_text, unsure)
-            # The webhook of the sync's own write carries the row as written: proof it landed, even
-            # when a person has changed the row again since.
-            echoed = event.side if ours and event.complete and event.operation != "delete" else None
+            overwritten: tuple[Side, list[str]] | None = None
+            if not ours and event.side == "fo" and event.changed and _after_intent(record.pending, event, "update"):
+                overwritten = ("fo", list(event.changed))  # F&O names no user: a change of ours holds the intent
             agreed = with_pending(
-                agreed, record.pending, records, deleted=deleted, recreated=recreated,
-                echo=(echoed, dict(event.fields)) if echoed else None,
+                agreed, record.pending, records, deleted=deleted, recreated=recreated, echo=echo,
+                overwritten=overwritten,
             )
         decision = decide(template, fo, dv, agreed, trigger=event.side, live=live, from_integration_user=ours)
         if decision.acts:
@@ -270,6 +276,18 @@ class Engine:
             raise _Raced(outcome) from exc
         return outcome
 
+    def _created_by_person(self, pending: dict[str, dict[str, Any]], dv: SideRecord) -> Side | None:
+        """"dataverse" when a step died creating the record there and the row there now is a person's.
+
+        Only the sync creates rows as an integration user: a row created by anyone else is not the
+        step's create (which never landed, or landed and was deleted since), whatever event comes first.
+        """
+        intent = pending.get("dataverse") or {}
+        creator = (dv.created_by or "").lower()
+        if intent.get("@create") and dv.exists and creator and self.integration_users:
+            return None if creator in self.integration_users else "dataverse"
+        return None
+
     # ------------------------------------------------------------ reading
 
     async def _natural_key(self, template: Template, event: ChangeEvent) -> dict[str, str] | None:
@@ -280,9 +298,8 @@ class Engine:
             if known is not None:
                 # From the agreed values, not by splitting the key text: key values may contain "|".
                 return mapping.natural_key(template, known.values)
-            row = await self.dataverse.get_by_id(
-                template.dataverse.entity_set, event.row_id, mapping.dataverse_select(template)
-            )
+            columns = _dataverse_columns(template)
+            row = await self.dataverse.get_by_id(template.dataverse.entity_set, event.row_id, columns)
             if row is not None:
                 values = await self._dataverse_canonical(template, row)
                 return mapping.natural_key(template, values, "dataverse")
@@ -305,7 +322,7 @@ class Engine:
     async def read_dataverse(self, template: Template, key: Mapping[str, str]) -> SideRecord:
         """The Dataverse record by alternate key, in canonical form (missing: values None)."""
         row = await self.dataverse.get_by_key(
-            template.dataverse.entity_set, mapping.dataverse_key(template, key), mapping.dataverse_select(template)
+            template.dataverse.entity_set, mapping.dataverse_key(template, key), _dataverse_columns(template)
         )
         if row is None:
             return SideRecord(values=None)
@@ -319,6 +336,7 @@ class Engine:
             modified_on=mapping.normalize_time(row.get("modifiedon")),
             version=str(version) if version is not None else None,
             row_id=row.get(template.dataverse.primary_id),
+            created_by=row.get(CREATED_BY),
         )
 
     async def _dataverse_canonical(self, template: Template, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -364,6 +382,9 @@ class Engine:
         pending: dict[str, dict[str, Any]] = {side: dict(values) for side, values in decision.writes.items()}
         if decision.create is not None:
             pending[decision.create]["@create"] = True
+        for side in decision.writes:
+            if side != decision.create:
+                pending[side]["@version"] = read[side].version  # a row changed since: see _unsure
         if decision.delete is not None:
             was = read[decision.delete]
             pending[decision.delete] = {"@delete": True, "@row_id": was.row_id, "@version": was.version}
@@ -636,8 +657,30 @@ def _after_intent(pending: dict[str, dict[str, Any]], event: ChangeEvent, operat
     return event.side if made >= at.replace(microsecond=0) else None
 
 
+def _dataverse_columns(template: Template) -> list[str]:
+    return [*mapping.dataverse_select(template), CREATED_BY]
+
+
+def _proof_of_write(event: ChangeEvent, ours: bool) -> tuple[Side, dict[str, Any]] | None:
+    """Values the event's side held at a moment after a step's write there, if the event shows them.
+
+    The webhook of the sync's own write carries the row as written (proof it landed, even when a
+    person has changed the row again since); a person's Dataverse update carries the row just before
+    that change (its pre-image).
+    """
+    if ours and event.complete and event.operation != "delete":
+        return event.side, dict(event.fields)
+    if not ours and event.side == "dataverse" and event.operation == "update" and event.before:
+        return event.side, dict(event.before)
+    return None
+
+
 def _unsure(
-    pending: dict[str, dict[str, Any]], records: dict[Side, SideRecord], deleted: Side | None, recreated: Side | None
+    pending: dict[str, dict[str, Any]],
+    records: dict[Side, SideRecord],
+    deleted: Side | None,
+    recreated: Side | None,
+    shown: Side | None = None,
 ) -> str | None:
     """Why what an interrupted step did cannot be told yet, when only an event still to come can tell.
 
@@ -646,11 +689,24 @@ def _unsure(
     - It was deleting the record on a side that holds a changed row now (another version; no
       row id to compare, as in F&O): the delete did not happen and a person edited the record,
       or it did and a person created the record again; that side's create event tells.
+    - It was writing values to Dataverse, whose row holds others now and has changed since the
+      step read it: the write never happened and a person edited the row, or it did and a person
+      changed it since (perhaps back); the events of those changes tell (`shown`: this event does).
     Until then nothing is created or deleted, so a deleted record is not brought back and a
     re-created one is not deleted. The re-check (not live) takes "never happened".
     """
     for side, record in records.items():
         intent = pending.get(side) or {}
+        if (
+            side == "dataverse"
+            and side != shown
+            and intent.get("@version")
+            and not intent.get("@create")
+            and record.exists
+            and record.version != intent.get("@version")
+            and not holds(intent, record)
+        ):
+            return "an interrupted write in dataverse may have landed and been changed since: waiting for its events"
         if intent.get("@create") and not record.exists and side != deleted:
             return f"an interrupted create in {side} may have landed and been deleted since: waiting for its delete"
         if (

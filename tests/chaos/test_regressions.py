@@ -88,8 +88,10 @@ class World:
                            modified_on=row["modifiedon"], initiating_user=AGENT_USER.systemuserid)
 
     async def agent_edit(self, phrase: str, description: str) -> ChangeEvent:
-        """An agent's edit in Dataverse and the complete webhook event it raises (payload, version, time)."""
+        """An agent's edit in Dataverse and the complete webhook event it raises (payload, version, time,
+        and the pre-image: the row just before the edit)."""
         key, body = {"msdyn_levelphrase": phrase}, {"msdyn_description": description}
+        was = await self.dv_row(phrase)
         await self.agent.upsert(DV_SET, key, body, mode="update")
         row = await self.dv_row(phrase)
         assert row is not None
@@ -104,6 +106,7 @@ class World:
             source_version=str(row["versionnumber"]),
             modified_on=row["modifiedon"],
             initiating_user=AGENT_USER.systemuserid,
+            before={"LevelPhrase": phrase, "LevelDescription": was["msdyn_description"]} if was else {},
         )
 
 
@@ -842,3 +845,98 @@ async def test_a_late_payload_after_a_crashed_delete_does_not_bring_the_record_b
 
     assert outcome.created is None
     assert await world.gone("PAY-2")
+
+
+async def _copied_then_crashed(world: World, monkeypatch: pytest.MonkeyPatch, phrase: str) -> ChangeEvent:
+    """A level agreed as "a"; F&O changes it to "b"; the worker copies "b" to Dataverse and dies before
+    storing the state. Returns F&O's event (its message is delivered again later)."""
+    await synced_level(world, phrase, "a")
+    await world.fo.update(FO_SET, {"LevelPhrase": phrase}, {"LevelDescription": "b"})
+    fo_event = ChangeEvent(template=LEVELS, side="fo", operation="update", key={"LevelPhrase": phrase},
+                           modified_on=utc_seconds(), wire_format="fo-data-event", changed=["LevelDescription"])
+    await _crash_before_state(world, monkeypatch, fo_event)
+    row = await world.dv_row(phrase)
+    assert row is not None and row["msdyn_description"] == "b"
+    await asyncio.sleep(1.1)
+    return fo_event
+
+
+async def test_a_value_put_back_after_a_crashed_copy_is_a_change_by_the_agents_pre_image(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills, seed 62): as above, but the agent's webhook is processed before the
+    webhook of the sync's own write. Its pre-image (the row just before the agent's edit) holds "b": the
+    copy had landed, and "a" is the agent's later change."""
+    await _copied_then_crashed(world, monkeypatch, "ABA-2")
+    edit = await world.agent_edit("ABA-2", "a")
+    assert edit.before["LevelDescription"] == "b"
+
+    outcome = await world.engine.process(edit)
+
+    assert outcome.writes == {"fo": ["LevelDescription"]}
+    assert await world.both_hold("ABA-2", "a")
+
+
+async def test_the_crashed_message_waits_for_dataverse_events_when_its_copy_was_changed_since(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crashed F&O message, delivered again before any Dataverse webhook: Dataverse holds "a" and
+    a newer row version than the step read. The copy never landed and an agent edited the row, or it
+    landed and the agent put "a" back: only Dataverse's events tell, so nothing is written yet."""
+    fo_event = await _copied_then_crashed(world, monkeypatch, "ABA-3")
+    edit = await world.agent_edit("ABA-3", "a")
+
+    again = await world.engine.process(fo_event)
+    assert again.reason == "conflict-deferred" and not again.applied
+    assert await world.fo_description("ABA-3") == "b"
+    row = await world.dv_row("ABA-3")
+    assert row is not None and row["msdyn_description"] == "a"  # the agent's value is not overwritten
+
+    outcome = await world.engine.process(edit)
+
+    assert outcome.writes == {"fo": ["LevelDescription"]}
+    assert await world.both_hold("ABA-3", "a")
+
+
+async def test_a_value_put_back_in_fo_after_a_crashed_copy_is_a_change(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same in the other direction: an agent's "b" is copied to F&O and the worker dies before
+    storing the state; an F&O user puts "a" back. F&O's event names the field and is later than the
+    step's intent: F&O's "a" is a person's change made after the copy, not the agreed value."""
+    await synced_level(world, "ABA-4", "a")
+    edit = await world.agent_edit("ABA-4", "b")
+    await _crash_before_state(world, monkeypatch, edit)
+    assert await world.fo_description("ABA-4") == "b"
+    await asyncio.sleep(1.1)
+    await world.fo.update(FO_SET, {"LevelPhrase": "ABA-4"}, {"LevelDescription": "a"})
+    put_back = ChangeEvent(template=LEVELS, side="fo", operation="update", key={"LevelPhrase": "ABA-4"},
+                           modified_on=utc_seconds(), wire_format="fo-data-event", changed=["LevelDescription"])
+
+    outcome = await world.engine.process(put_back)
+
+    assert outcome.writes == {"dataverse": ["LevelDescription"]}
+    assert await world.both_hold("ABA-4", "a")
+
+
+async def test_a_row_an_agent_created_after_a_crashed_create_is_theirs_whichever_event_comes_first(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills, seed 63): as in the test above of a record created by a person
+    after a crashed create, but the first Dataverse event processed is the agent's update, not the
+    create: "a row there after an intent to create it" read as "the create landed", and the agent's
+    level was deleted for F&O's delete. The row's creator tells: only the sync creates as its user."""
+    await world.fo.create(FO_SET, {"LevelPhrase": "NEW-3", "LevelDescription": "from F&O"})
+    created = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "NEW-3"},
+                          modified_on=utc_seconds(), wire_format="fo-data-event")
+    await _crash_before_write(world, monkeypatch, created, Engine, "write_dataverse")
+    await world.fo.delete(FO_SET, {"LevelPhrase": "NEW-3"})
+    assert (await world.engine.process(replace(created, operation="delete", modified_on=utc_seconds()))).reason \
+        == "conflict-deferred"
+    await asyncio.sleep(1.1)
+    await world.agent_create("NEW-3", "from the agent")
+
+    outcome = await world.engine.process(await world.agent_edit("NEW-3", "edited by the agent"))
+
+    assert outcome.created == "fo" and outcome.deleted is None
+    assert await world.both_hold("NEW-3", "edited by the agent")
