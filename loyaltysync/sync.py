@@ -45,7 +45,7 @@ from loyaltysync.state import StateStore, SyncRecord
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.fno import FnoClient
 from loyaltysync.targets.lookups import LookupCache
-from loyaltysync.templates import Side, Template
+from loyaltysync.templates import Side, Template, other_side
 
 log = logging.getLogger("loyaltysync.sync")
 
@@ -685,7 +685,8 @@ def _unsure(
     """Why what an interrupted step did cannot be told yet, when only an event still to come can tell.
 
     - It was creating the record on a side where it is missing now: the create never happened,
-      or it did and a person deleted the record since; that side's delete event tells.
+      or it did and a person deleted the record since; that side's delete event tells. (Missing on
+      the other side too, it is gone either way: nothing to wait for.)
     - It was deleting the record on a side that holds a changed row now (another version; no
       row id to compare, as in F&O): the delete did not happen and a person edited the record,
       or it did and a person created the record again; that side's create event tells.
@@ -707,7 +708,7 @@ def _unsure(
             and not holds(intent, record)
         ):
             return "an interrupted write in dataverse may have landed and been changed since: waiting for its events"
-        if intent.get("@create") and not record.exists and side != deleted:
+        if intent.get("@create") and not record.exists and side != deleted and records[other_side(side)].exists:
             return f"an interrupted create in {side} may have landed and been deleted since: waiting for its delete"
         if (
             intent.get("@delete")

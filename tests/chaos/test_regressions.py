@@ -761,7 +761,7 @@ async def test_a_record_created_by_a_person_after_a_crashed_create_is_copied_not
     await _crash_before_write(world, monkeypatch, created, Engine, "write_dataverse")
     await world.fo.delete(FO_SET, {"LevelPhrase": "NEW-2"})
     fo_deleted = replace(created, operation="delete", modified_on=utc_seconds())
-    assert (await world.engine.process(fo_deleted)).reason == "conflict-deferred"
+    assert (await world.engine.process(fo_deleted)).reason == "both-missing"  # gone either way
     await asyncio.sleep(1.1)
 
     outcome = await world.engine.process(await world.agent_create("NEW-2", "from the agent"))
@@ -930,9 +930,7 @@ async def test_a_row_an_agent_created_after_a_crashed_create_is_theirs_whichever
     created = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "NEW-3"},
                           modified_on=utc_seconds(), wire_format="fo-data-event")
     await _crash_before_write(world, monkeypatch, created, Engine, "write_dataverse")
-    await world.fo.delete(FO_SET, {"LevelPhrase": "NEW-3"})
-    assert (await world.engine.process(replace(created, operation="delete", modified_on=utc_seconds()))).reason \
-        == "conflict-deferred"
+    await world.fo.delete(FO_SET, {"LevelPhrase": "NEW-3"})  # its event comes late
     await asyncio.sleep(1.1)
     await world.agent_create("NEW-3", "from the agent")
 
@@ -940,3 +938,28 @@ async def test_a_row_an_agent_created_after_a_crashed_create_is_theirs_whichever
 
     assert outcome.created == "fo" and outcome.deleted is None
     assert await world.both_hold("NEW-3", "edited by the agent")
+
+
+async def test_a_record_gone_on_both_sides_after_a_crashed_create_is_a_tombstone_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills): the worker copying an agent's new reward level to F&O died before
+    the create; the agent deleted the level. The delete event found it missing on both sides but waited
+    for an F&O delete event ("the create may have landed and been deleted"). An F&O user then created the
+    level anew, and the re-check read that row as the interrupted create having landed: agreed on both
+    sides, missing in Dataverse, so it deleted the F&O user's new record. Gone on both sides, the record
+    is gone whatever the create did: nothing to wait for."""
+    created = await world.agent_create("GONE-1", "from the agent")
+    await _crash_before_write(world, monkeypatch, created, Engine, "write_fo")
+    deleted = await world.agent_delete("GONE-1")
+
+    outcome = await world.engine.process(deleted)
+    assert outcome.reason == "both-missing" and not outcome.conflicts
+    await asyncio.sleep(1.1)
+    await world.fo.create(FO_SET, {"LevelPhrase": "GONE-1", "LevelDescription": "from F&O"})
+    recheck = replace(deleted, operation="update", modified_on=utc_seconds(), wire_format="recheck")
+
+    again = await world.engine.process(recheck, live=False)
+
+    assert again.created == "dataverse" and again.deleted is None
+    assert await world.both_hold("GONE-1", "from F&O")
