@@ -33,6 +33,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,10 @@ class LagWatch:
         self.max_s = 0.0
         self.applied = 0
         self.trail: dict[str, list[str]] = {}
+        self.drain_started: float | None = None  # from then on, what the drain processed is tallied
+        self.drained: Counter[str] = Counter()
+        self.drain_last_s = 0.0
+        self.drain_tail: list[str] = []
 
     def __call__(self, event: ChangeEvent, outcome: Outcome | None, parked: str | None) -> None:
         key = outcome.key if outcome is not None else event.key_text
@@ -102,6 +107,12 @@ class LagWatch:
             f"{outcome.reason} writes={outcome.writes} created={outcome.created} deleted={outcome.deleted} "
             f"conflicts={outcome.conflicts}"
         )
+        if self.drain_started is not None:
+            self.drained[f"{event.wire_format} {outcome.reason if outcome else 'parked'}"] += 1
+            self.drain_last_s = time.monotonic() - self.drain_started
+            since = parse_datetime(event.modified_on or event.received_at)
+            age = f"{time.time() - since.timestamp():.0f} s after its time" if since is not None else "?"
+            self.drain_tail = [*self.drain_tail[-4:], f"{self.drain_last_s:.0f} s: {event.wire_format} {age}"]
         self.trail.setdefault(f"{event.template} {key}", []).append(
             f"{time.time():.2f} {event.side} {event.operation} {event.wire_format} v={event.source_version} "
             f"t={event.modified_on}: {what}"
@@ -174,7 +185,7 @@ async def run_chaos(
                 await _initial_copy(runtime, admin, generator, operations, say)
                 before = await admin.counters()
                 await _load(generator, crashes, second, lag, app, operations, actors, say)
-                started = time.monotonic()
+                started = lag.drain_started = time.monotonic()
                 await settle(runtime, admin, seconds=600)
                 await faults.quiet(admin)
                 crashes.uninstall()
@@ -183,8 +194,10 @@ async def run_chaos(
                 for template in runtime.templates.values():
                     report.corrections += (await reconcile_full(runtime, template, fix=True)).queued
                 await settle(runtime, admin, seconds=300)
-                say(f"drained the backlog in {drained - started:.0f} s; reconcile pass and its corrections "
-                    f"{time.monotonic() - drained:.0f} s")
+                say(f"drained the backlog in {drained - started:.0f} s (the last step {lag.drain_last_s:.0f} s in: "
+                    f"{', '.join(f'{n} {what}' for what, n in lag.drained.most_common())}); reconcile pass and its "
+                    f"corrections {time.monotonic() - drained:.0f} s; the drain's last steps: "
+                    f"{'; '.join(lag.drain_tail)}")
                 await _judge(runtime, admin, app, generator, model, report, say)
                 after = await admin.counters()
             finally:
