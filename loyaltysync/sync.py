@@ -96,6 +96,8 @@ DATAVERSE_WRITTEN_AT = "dataverse:written-at"
 # In `SyncRecord.versions`: present while the sync's last Dataverse write is newer than its last read
 # there (the value is the version read before that write).
 WRITTEN_SINCE_READ = "dataverse:written"
+# The "field" of a deferral that waits for the event telling what an interrupted step did (see _unsure).
+WHOLE_RECORD = "(record)"
 # Read with every Dataverse row besides the mapped columns: who created it (see Engine._created_by_person).
 CREATED_BY = "_createdby_value"
 
@@ -722,5 +724,5 @@ def _unsure(
 
 
 def _waiting_for_event(template: Template, event: ChangeEvent, key_text: str, rule: str) -> Outcome:
-    conflict = {"field": "(record)", "fo": None, "dataverse": None, "winner": None, "rule": rule}
+    conflict = {"field": WHOLE_RECORD, "fo": None, "dataverse": None, "winner": None, "rule": rule}
     return Outcome(template.name, event.side, key_text, "conflict-deferred", conflicts=[conflict])

@@ -30,7 +30,7 @@ from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.mapping import parse_datetime
 from loyaltysync.runtime import Runtime
 from loyaltysync.state import dead_letter_id
-from loyaltysync.sync import RECORD_BUSY, Outcome
+from loyaltysync.sync import RECORD_BUSY, WHOLE_RECORD, Outcome
 from loyaltysync.templates import SIDES
 
 log = logging.getLogger("loyaltysync.worker")
@@ -148,9 +148,15 @@ async def _recheck_later(runtime: Runtime, event: ChangeEvent, outcome: Outcome)
     (a backlog delays the other side's event as much). The re-check carries F&O's values of
     the deferred fields and the moment of deferral: if F&O changed them after that, F&O's
     change is the later one, whatever its event says when it comes.
+
+    A deferral that waits for the event telling what an interrupted step did (a person's delete
+    or create after the step's intent) waits the grace alone: that change was made after the
+    intent, and this event's lag (often a message delivered again after its process died) says
+    nothing about when its event comes.
     """
     deferred = {c["field"]: c["fo"] for c in outcome.conflicts if c["winner"] is None}
-    lag = _age_seconds(event.modified_on or event.received_at)
+    interrupted = all(name == WHOLE_RECORD for name in deferred)
+    lag = 0.0 if interrupted else _age_seconds(event.modified_on or event.received_at)
     delay = min(MAX_RECHECK_DELAY_S, max(runtime.settings.conflict_grace_seconds, math.ceil(2 * lag)))
     recheck = replace(
         event,

@@ -6,7 +6,9 @@
   status shows the latest even before it is written;
 - a successful sync clears the record's dead letters (both sides) with one partition query;
 - the Storage transports read proxy settings once instead of on every request;
-- a message poisoned only by dying processes gets one last try before it is parked.
+- a message poisoned only by dying processes gets one last try before it is parked;
+- a deferred conflict's re-check waits the grace, or twice a late event's lag, but a wait for what an
+  interrupted step did waits the grace alone.
 
 Everything runs against the session's Azurite; time is a fake clock where a cache's age matters.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -31,7 +34,7 @@ from loyaltysync.runtime import SUCCESS_SCOPE, LatestDocuments, Runtime, build_r
 from loyaltysync.settings import load_settings
 from loyaltysync.state import MemoryControlStore
 from loyaltysync.state_tables import TableDeadLetterStore
-from loyaltysync.sync import RECORD_BUSY, Outcome
+from loyaltysync.sync import RECORD_BUSY, WHOLE_RECORD, Outcome
 from loyaltysync.templates import default_mappings_dir, load_templates
 
 TEMPLATES = load_templates(default_mappings_dir())
@@ -367,3 +370,37 @@ async def test_no_last_try_for_a_message_with_a_reason_or_one_that_killed_the_po
     (letter,) = await runtime.dead_letters.list()
     expected = "gave up after 5 attempts: 503" if earlier_reason else "the queue gave up after the maximum"
     assert letter.reason.startswith(expected)
+
+
+# ------------------------------------------------------------------ re-checks of deferred conflicts
+
+
+@pytest.mark.parametrize(
+    ("field", "expected_s"),
+    [("CardTenderType", 2 * 40), (WHOLE_RECORD, 15)],
+)
+async def test_a_recheck_waits_twice_a_late_events_lag_unless_it_waits_for_an_interrupted_step(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch, field: str, expected_s: int
+) -> None:
+    """A conflict deferred by an event 40 s late re-checks after 80 s (the other side's event may be as
+    late). A wait for the event that tells what an interrupted step did (a person's change after the
+    step's intent) re-checks after the grace alone: the late event is the dead step's own message."""
+    runtime = await make_runtime(CONFLICT_GRACE_SECONDS="15")
+    delays: list[float] = []
+
+    async def enqueue(template: str, body: str, *, delay_s: float = 0) -> None:
+        delays.append(delay_s)
+
+    async def deferred(event: ChangeEvent, **kwargs: object) -> Outcome:
+        conflict = {"field": field, "fo": None, "dataverse": None, "winner": None, "rule": "waiting"}
+        return Outcome(CARDS, "fo", "C-LATE", "conflict-deferred", conflicts=[conflict])
+
+    monkeypatch.setattr(runtime, "enqueue", enqueue)
+    monkeypatch.setattr(runtime.engine, "process", deferred)
+    late = datetime.now(UTC) - timedelta(seconds=40)
+    event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-LATE"},
+                        modified_on=late.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    await worker.handle_change(runtime, event.to_json())
+
+    assert len(delays) == 1 and expected_s <= delays[0] <= expected_s + 2
