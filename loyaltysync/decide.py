@@ -295,6 +295,7 @@ def with_pending(
     recreated: Side | None = None,
     echo: tuple[Side, Canonical] | None = None,
     overwritten: tuple[Side, list[str]] | None = None,
+    created_by_sync: Side | None = None,
 ) -> Agreed:
     """The agreed state, counting what an interrupted sync step did as agreed where it landed.
 
@@ -312,6 +313,8 @@ def with_pending(
       intent): the delete landed and a person created the record again since;
     - a side the step was creating the record on, whose delete event is being processed
       (`deleted`), had the record: the create landed, and the delete propagates;
+    - a side the step was creating the record on whose row the sync is known to have created
+      (`created_by_sync`: Dataverse's `createdby`) had every value the step created it with;
     - a side the step was creating the record on that holds other values, whose create event
       is later than the intent and not the sync's (`recreated`), holds a person's new record:
       whether or not the step's create landed, that record is new, as after a tombstone;
@@ -352,6 +355,12 @@ def with_pending(
             continue
         if intent.get("@create") and side == recreated and not holds(intent, record):
             return Agreed(values=merged, exists=False)
+        if intent.get("@create") and side == created_by_sync:
+            # The row holds every value the step created it with, or held them (a value changed since
+            # is a person's change), whatever a tombstone remembers of an earlier record with this key.
+            merged.update({name: value for name, value in intent.items() if not name.startswith("@")})
+            landed = True
+            continue
         landed = landed or bool(intent.get("@create"))
         for name, value in intent.items():
             if not name.startswith("@") and record.values.get(name) == value:

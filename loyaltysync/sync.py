@@ -240,8 +240,9 @@ class Engine:
         if record is not None and record.pending:
             records: dict[Side, SideRecord] = {"fo": fo, "dataverse": dv}
             deleted = _after_intent(record.pending, event, "delete")
+            creator = self._dataverse_creator(record.pending, dv)
             recreated = None if ours else (
-                _after_intent(record.pending, event, "create") or self._created_by_person(record.pending, dv)
+                _after_intent(record.pending, event, "create") or ("dataverse" if creator == "person" else None)
             )
             echo = _proof_of_write(event, ours)
             unsure = _unsure(record.pending, records, deleted, recreated, echo[0] if echo else None) if live else None
@@ -252,7 +253,7 @@ class Engine:
                 overwritten = ("fo", list(event.changed))  # F&O names no user: a change of ours holds the intent
             agreed = with_pending(
                 agreed, record.pending, records, deleted=deleted, recreated=recreated, echo=echo,
-                overwritten=overwritten,
+                overwritten=overwritten, created_by_sync="dataverse" if creator == "sync" else None,
             )
         decision = decide(template, fo, dv, agreed, trigger=event.side, live=live, from_integration_user=ours)
         if decision.acts:
@@ -278,8 +279,8 @@ class Engine:
             raise _Raced(outcome) from exc
         return outcome
 
-    def _created_by_person(self, pending: dict[str, dict[str, Any]], dv: SideRecord) -> Side | None:
-        """"dataverse" when a step died creating the record there and the row there now is a person's.
+    def _dataverse_creator(self, pending: dict[str, dict[str, Any]], dv: SideRecord) -> str | None:
+        """Who created the Dataverse row a step died creating: "sync", "person", or None (unknown, or no such step).
 
         Only the sync creates rows as an integration user: a row created by anyone else is not the
         step's create (which never landed, or landed and was deleted since), whatever event comes first.
@@ -287,7 +288,7 @@ class Engine:
         intent = pending.get("dataverse") or {}
         creator = (dv.created_by or "").lower()
         if intent.get("@create") and dv.exists and creator and self.integration_users:
-            return None if creator in self.integration_users else "dataverse"
+            return "sync" if creator in self.integration_users else "person"
         return None
 
     # ------------------------------------------------------------ reading

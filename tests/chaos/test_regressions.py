@@ -963,3 +963,27 @@ async def test_a_record_gone_on_both_sides_after_a_crashed_create_is_a_tombstone
 
     assert again.created == "dataverse" and again.deleted is None
     assert await world.both_hold("GONE-1", "from F&O")
+
+
+async def test_a_value_changed_after_a_crashed_create_is_a_change_against_the_created_values(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills, seed 68): a level was deleted (its tombstone remembers "old"); an
+    F&O user created it anew with "new"; the worker copied it to Dataverse and died before storing the
+    state; an agent then set "old" in Dataverse. The crashed message, delivered again, merged the landed
+    create into the tombstone's values: Dataverse's "old" looked unchanged, and F&O's "new" overwrote the
+    agent's later edit. A landed create means the row held all its created values."""
+    await synced_level(world, "TOMB-1", "old")
+    assert (await world.engine.process(await world.agent_delete("TOMB-1"))).deleted == "fo"
+    await asyncio.sleep(1.1)
+    await world.fo.create(FO_SET, {"LevelPhrase": "TOMB-1", "LevelDescription": "new"})
+    created = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "TOMB-1"},
+                          modified_on=utc_seconds(), wire_format="fo-data-event")
+    await _crash_before_state(world, monkeypatch, created)
+    await asyncio.sleep(1.1)
+    await world.agent_edit("TOMB-1", "old")
+
+    outcome = await world.engine.process(created)  # the crashed message, before any Dataverse webhook
+
+    assert outcome.writes == {"fo": ["LevelDescription"]}
+    assert await world.both_hold("TOMB-1", "old")
