@@ -1,8 +1,8 @@
 """Options of the chaos run. `make test` plays the reduced run (2,000 operations); `make chaos` plays
 20,000 through tests/chaos/run.py. Through pytest: `--chaos-operations N` (or CHAOS_OPERATIONS=N);
 CHAOS_CRASH_POINTS and CHAOS_CONFLICTS take the same comma-separated lists as run.py's
-`--crash-points` and `--conflicts`; CHAOS_KILL_RATE is run.py's `--kill-rate`, 0 here by default
-(no second instance: see README, "Convergence under faults", for why `make test` runs without it).
+`--crash-points` and `--conflicts`; CHAOS_KILL_RATE is run.py's `--kill-rate` (default: the second
+instance killed for real at random points; 0 runs without it).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.chaos.run import REDUCED, parse_options
+from tests.chaos.worker_process import DEFAULT_KILL_RATE
 
 
 @dataclass(frozen=True)
@@ -33,5 +34,5 @@ def chaos_options(request: pytest.FixtureRequest) -> ChaosOptions:
     option = request.config.getoption("--chaos-operations", default=None)
     operations = int(option) if option else int(os.environ.get("CHAOS_OPERATIONS", REDUCED))
     points, conflicts = parse_options(os.environ.get("CHAOS_CRASH_POINTS"), os.environ.get("CHAOS_CONFLICTS"))
-    kill_rate = float(os.environ.get("CHAOS_KILL_RATE", "0"))
+    kill_rate = float(os.environ.get("CHAOS_KILL_RATE", DEFAULT_KILL_RATE))
     return ChaosOptions(operations, points, conflicts, kill_rate)
