@@ -98,7 +98,7 @@ DATAVERSE_WRITTEN_AT = "dataverse:written-at"
 WRITTEN_SINCE_READ = "dataverse:written"
 # The "field" of a deferral that waits for the event telling what an interrupted step did (see _unsure).
 WHOLE_RECORD = "(record)"
-# Read with every Dataverse row besides the mapped columns: who created it (see Engine._created_by_person).
+# Read with every Dataverse row besides the mapped columns: who created it (see Engine._dataverse_creator).
 CREATED_BY = "_createdby_value"
 
 

@@ -11,7 +11,6 @@ once and the message completes, so one bad record never blocks the others.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -257,16 +256,18 @@ async def drain_poison(runtime: Runtime, body: str, *, dequeue_count: int = 1, m
         return
     key = event.key_text or event.row_id or "?"
     existing = await runtime.dead_letters.get(dead_letter_id(event.template, event.side, key))
+    reason = existing.reason if existing else "the queue gave up after the maximum number of attempts"
     if existing is None and dequeue_count == 1:
-        log.warning("%s %s: every attempt ended with its process; one last try", event.template, key)
-        with contextlib.suppress(Exception):  # a failure of the last try is parked with its reason (below)
+        log.warning("event %s of %s: every attempt ended with its process; one last try", event.event_id,
+                    event.template)
+        try:
             last = max_dequeue + 1
             await handle_change(runtime, body, dequeue_count=last, max_dequeue=last)
             return
-        existing = await runtime.dead_letters.get(dead_letter_id(event.template, event.side, key))
-        if existing is not None:
-            return
-    reason = existing.reason if existing else "the queue gave up after the maximum number of attempts"
+        except Exception as exc:  # a transient failure was parked with its reason; anything else is below
+            if await runtime.dead_letters.get(dead_letter_id(event.template, event.side, key)) is not None:
+                return
+            reason = f"{reason}; the last try failed: {exc}"
     await runtime.dead_letters.park(event.template, event.side, key, reason, "Poison", body, event.event_id)
 
 

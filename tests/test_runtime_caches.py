@@ -404,3 +404,21 @@ async def test_a_recheck_waits_twice_a_late_events_lag_unless_it_waits_for_an_in
     await worker.handle_change(runtime, event.to_json())
 
     assert len(delays) == 1 and expected_s <= delays[0] <= expected_s + 2
+
+
+async def test_a_last_try_that_breaks_otherwise_is_parked_with_what_broke(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = await make_runtime()
+
+    async def breaks(event: ChangeEvent, **kwargs: object) -> Outcome:
+        raise RuntimeError("state table answered garbage")
+
+    monkeypatch.setattr(runtime.engine, "process", breaks)
+    event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-ODD"})
+
+    await worker.drain_poison(runtime, event.to_json(), dequeue_count=1, max_dequeue=5)
+
+    (letter,) = await runtime.dead_letters.list()
+    assert letter.key == "C-ODD" and letter.error_code == "Poison"
+    assert letter.reason.endswith("the last try failed: state table answered garbage")
