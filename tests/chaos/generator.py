@@ -473,14 +473,14 @@ class Generator:
         if not settled:
             return []
         headers = {"x-functions-key": admin_key}
-        (await app.post(f"/api/ops/pause/{template}", headers=headers)).raise_for_status()
-        # The instance that took the call knows at once; the second instance (tests/chaos/worker_process.py)
-        # within PAUSE_CACHE_SECONDS, as a scaled-out instance in Azure would.
-        await asyncio.sleep(PAUSE_TAKES_S)
-        # An F&O change whose event is lost has no known time: only the event carries it (see the report).
-        await self.admin.faults("fo", delivery_drop_rate=0.0)
+        plans = []
         try:
-            plans = []
+            await _operator(app, f"/api/ops/pause/{template}", headers)
+            # The instance that took the call knows at once; the second instance (tests/chaos/worker_process.py)
+            # within PAUSE_CACHE_SECONDS, as a scaled-out instance in Azure would.
+            await asyncio.sleep(PAUSE_TAKES_S)
+            # An F&O change whose event is lost has no known time: only the event carries it (see the report).
+            await self.admin.faults("fo", delivery_drop_rate=0.0)
             # Fields with room for two new values: an "edit" to the value a side already holds changes nothing.
             fields = [s for s in self.model.specs[template]
                       if s.two_way and not s.is_key and (s.value_map is None or len(s.value_map) >= 3)]
@@ -500,8 +500,12 @@ class Generator:
         finally:
             from tests.chaos.faults import BACKGROUND
 
-            await self.admin.faults("fo", delivery_drop_rate=BACKGROUND["delivery_drop_rate"])
-            (await app.post(f"/api/ops/resume/{template}", headers=headers)).raise_for_status()
+            try:
+                await self.admin.faults("fo", delivery_drop_rate=BACKGROUND["delivery_drop_rate"])
+            finally:
+                # Whatever failed above: a template left paused holds its events for good, and the run
+                # stalls on the backlog it builds.
+                await _operator(app, f"/api/ops/resume/{template}", headers)
         return [record for record, *_ in plans]
 
     # ------------------------------------------------------------------ poisoned records
@@ -525,3 +529,19 @@ class Generator:
                         break
         return keys
 
+
+
+async def _operator(app: httpx.AsyncClient, path: str, headers: dict[str, str], attempts: int = 5) -> None:
+    """An operator's admin call to the function app (pause, resume), tried again as a person would when
+    the connection drops or the app answers 5xx (its Storage calls run under the same load)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            response = await app.post(path, headers=headers)
+        except httpx.TransportError:
+            if attempt == attempts:
+                raise
+        else:
+            if response.status_code < 500 or attempt == attempts:
+                response.raise_for_status()
+                return
+        await asyncio.sleep(0.5 * attempt)

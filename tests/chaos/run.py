@@ -180,7 +180,8 @@ async def run_chaos(
                     Path(tempfile.mkstemp(prefix="chaos-second-instance-", suffix=".log")[1]),
                 )
             lag = LagWatch()
-            app = httpx.AsyncClient(base_url=stack.function_url, timeout=30)
+            # As the Admin clients: idle connections dropped before the dev host's server closes them (5 s).
+            app = httpx.AsyncClient(base_url=stack.function_url, timeout=30, limits=httpx.Limits(keepalive_expiry=2))
             try:
                 await _initial_copy(runtime, admin, generator, operations, say)
                 before = await admin.counters()
@@ -303,6 +304,8 @@ async def _load(
         asyncio.create_task(schedule.run(generator.admin, generator.progress, generator.stop)),
         asyncio.create_task(_progress(generator, started, say)),
     ]
+    for task in side_tasks:  # one that fails stops the load (its error ends the run) instead of stalling it
+        task.add_done_callback(lambda done: generator.stop.set() if not done.cancelled() and done.exception() else None)
     try:
         await asyncio.gather(*(generator.actor() for _ in range(actors)))
     finally:
