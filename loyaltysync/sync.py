@@ -239,17 +239,22 @@ class Engine:
             agreed = Agreed(values=dict(event.before), exists=True)
         if record is not None and record.pending:
             records: dict[Side, SideRecord] = {"fo": fo, "dataverse": dv}
-            deleted = _after_intent(record.pending, event, "delete")
+            # A re-check's time is the moment of its deferral, not of a change: it dates nothing here.
+            change = event.wire_format != "recheck"
+            deleted = _after_intent(record.pending, event, "delete") if change else None
             creator = self._dataverse_creator(record.pending, dv)
             recreated = None if ours else (
-                _after_intent(record.pending, event, "create") or ("dataverse" if creator == "person" else None)
+                (_after_intent(record.pending, event, "create") if change else None)
+                or ("dataverse" if creator == "person" else None)
             )
             echo = _proof_of_write(event, ours)
             unsure = _unsure(record.pending, records, deleted, recreated, echo[0] if echo else None) if live else None
             if unsure is not None:
                 return _waiting_for_event(template, event, key_text, unsure)
             overwritten: tuple[Side, list[str]] | None = None
-            if not ours and event.side == "fo" and event.changed and _after_intent(record.pending, event, "update"):
+            if change and not ours and event.side == "fo" and event.changed and _after_intent(
+                record.pending, event, "update"
+            ):
                 overwritten = ("fo", list(event.changed))  # F&O names no user: a change of ours holds the intent
             agreed = with_pending(
                 agreed, record.pending, records, deleted=deleted, recreated=recreated, echo=echo,

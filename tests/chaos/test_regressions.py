@@ -987,3 +987,28 @@ async def test_a_value_changed_after_a_crashed_create_is_a_change_against_the_cr
 
     assert outcome.writes == {"fo": ["LevelDescription"]}
     assert await world.both_hold("TOMB-1", "old")
+
+
+async def test_the_recheck_of_a_late_delete_event_does_not_prove_a_crashed_create_landed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chaos run (real process kills, seed 71): an agent deleted a level (the sync deleted it in F&O), then
+    created it again; the worker copying the new level to F&O died before the create. F&O's event of the
+    sync's own delete, late, is older than that intent: it waits. Its re-check carried the moment of the
+    deferral as its time, which is later than the intent, so it read as "F&O deleted the record after the
+    create landed" and deleted the agent's new level. A re-check's time dates no change."""
+    await synced_level(world, "REC-1", "a")
+    assert (await world.engine.process(await world.agent_delete("REC-1"))).deleted == "fo"
+    fo_deleted = ChangeEvent(template=LEVELS, side="fo", operation="delete", key={"LevelPhrase": "REC-1"},
+                             modified_on=utc_seconds(), wire_format="fo-data-event")  # of the sync's own delete
+    await asyncio.sleep(1.1)
+    created = await world.agent_create("REC-1", "new")
+    await _crash_before_write(world, monkeypatch, created, Engine, "write_fo")
+    assert (await world.engine.process(fo_deleted)).reason == "conflict-deferred"
+    await asyncio.sleep(1.1)
+    recheck = replace(fo_deleted, modified_on=utc_seconds(), wire_format="recheck")
+
+    outcome = await world.engine.process(recheck, live=False)
+
+    assert outcome.deleted is None and outcome.created == "fo"
+    assert await world.both_hold("REC-1", "new")
