@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import List  # noqa: UP035  (the queue output converter accepts typing.List only)
 
 import azure.functions as func
 
@@ -71,9 +72,9 @@ def _json(status: int, body: object) -> func.HttpResponse:
 
 
 def _inbound_function(side: Side, template: Template):  # type: ignore[no-untyped-def]
-    def handler(
-        req: func.HttpRequest, out: func.Out[list[str]], context: func.Context | None = None
-    ) -> func.HttpResponse:
+    # The worker's indexing checks annotations through the library's converters: the queue output
+    # accepts typing.List[str] (not list[str]), and an unbound `context` must be exactly func.Context.
+    def handler(req: func.HttpRequest, out: func.Out[List[str]], context: func.Context) -> func.HttpResponse:  # noqa: UP006
         if req.method == "OPTIONS":
             return _response(inbound.handle_options(req.headers))
         reply = inbound.handle_inbound(
@@ -95,7 +96,7 @@ def _inbound_function(side: Side, template: Template):  # type: ignore[no-untype
 
 
 def _worker_function(template: Template):  # type: ignore[no-untyped-def]
-    async def handler(msg: func.QueueMessage, context: func.Context | None = None) -> None:
+    async def handler(msg: func.QueueMessage, context: func.Context) -> None:
         runtime = await _runtime()
         await worker.handle_change(
             runtime,

@@ -39,12 +39,12 @@ def card(i: int) -> dict[str, Any]:
 
 
 async def serve(cards: int, dataverse: int, latency_ms: float, unlimited: bool) -> None:
-    from loyaltysync.azurite import free_port
-    from loyaltysync.sandbox import dataverse as dataverse_emulator
-    from loyaltysync.sandbox import fno as fno_emulator
-    from loyaltysync.sandbox.common import Faults
-    from loyaltysync.sandbox.dataverse import ServiceProtectionLimits
-    from loyaltysync.stack import Server
+    from devkit.azurite import free_port
+    from devkit.sandbox import dataverse as dataverse_emulator
+    from devkit.sandbox import fno as fno_emulator
+    from devkit.sandbox.common import Faults
+    from devkit.sandbox.dataverse import ServiceProtectionLimits
+    from devkit.stack import Server
     from loyaltysync.templates import default_mappings_dir, load_templates
 
     templates = load_templates(default_mappings_dir())

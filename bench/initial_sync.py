@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import emulators  # noqa: E402
 
+from devkit.sandbox.dataverse import AGENT_USER, ServiceProtectionLimits  # noqa: E402
 from loyaltysync import mapping  # noqa: E402
 from loyaltysync.bulk import SyncOptions, controller_for, initial_sync  # noqa: E402
 from loyaltysync.runtime import Runtime, build_runtime  # noqa: E402
-from loyaltysync.sandbox.dataverse import AGENT_USER, ServiceProtectionLimits  # noqa: E402
 from loyaltysync.settings import load_settings  # noqa: E402
 from loyaltysync.state import MemoryControlStore, MemoryDeadLetterStore, SyncRecord  # noqa: E402
 from loyaltysync.targets.auth import StaticTokenCredential  # noqa: E402

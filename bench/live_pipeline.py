@@ -1,6 +1,6 @@
 """Benchmark 2: the live pipeline end to end: F&O change -> data event -> function app -> queue -> worker -> Dataverse.
 
-Runs the whole system as `make demo` does (`loyaltysync.stack.running_stack`: Azurite, both
+Runs the whole system as `make demo` does (`devkit.stack.running_stack`: Azurite, both
 emulators, the dev host serving function_app.py, webhooks and event subscriptions registered),
 with a fixed latency on every emulator API request. The emulators run in a child process
 (`emulators_in_child`) and the F&O changes are made by another (`drive`): in production
@@ -42,12 +42,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devkit.stack import Stack, running_stack, settle  # noqa: E402
 from loyaltysync import worker  # noqa: E402
 from loyaltysync.bulk.prepare import prepare_page  # noqa: E402
 from loyaltysync.events.model import ChangeEvent  # noqa: E402
 from loyaltysync.mapping import parse_datetime  # noqa: E402
 from loyaltysync.runtime import get_runtime  # noqa: E402
-from loyaltysync.stack import Stack, running_stack, settle  # noqa: E402
 from loyaltysync.sync import Outcome  # noqa: E402
 from loyaltysync.targets.auth import StaticTokenCredential  # noqa: E402
 from loyaltysync.targets.fno import FnoClient  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from loyaltysync.sandbox.dataverse import ServiceProtectionLimits, create_app
+from devkit.sandbox.dataverse import ServiceProtectionLimits, create_app
 
 TOKEN = "bench-token"  # noqa: S105 - the emulator's own test token
 PER_REQUEST = 1000

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import emulators
 
-from loyaltysync.sandbox.fno import create_app
+from devkit.sandbox.fno import create_app
 
 TOKEN = "bench-token"  # noqa: S105 - in-process only
 BATCH_SIZE = 1000  # operations per $batch (F&O allows 5000)

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 
-from loyaltysync.sandbox.store import Table
+from devkit.sandbox.store import Table
 
 COLUMNS = ["id", "dataAreaId", "number", "name", "level", "points", "currency", "active", "created", "etag"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -119,9 +120,30 @@ def cmd_inspect_event(args: argparse.Namespace) -> int:
     raise EventError("; ".join(errors))
 
 
+DEVKIT_MISSING = (
+    "`{command}` is a dev-kit command: the dev kit (sandbox, dev host, demo) is not installed here. "
+    "It lives beside the product in the repository and is never deployed; from a clone, run "
+    "`make demo` or `make sandbox`, or install it with `pip install -r requirements-dev.txt && pip install -e .`."
+)
+
+
+def _devkit(module: str, command: str) -> Any:
+    """A dev-kit module, looked up by name: the product never imports the dev kit (it is not deployed);
+    where it is installed (a clone after `make`), its commands work from this CLI too."""
+    try:
+        return importlib.import_module(f"devkit.{module}")
+    except ModuleNotFoundError as error:
+        if error.name is not None and (error.name == "devkit" or error.name.startswith("devkit.")):
+            raise LoyaltySyncError(DEVKIT_MISSING.format(command=command)) from None
+        if error.name in {"starlette", "uvicorn", "rich"}:
+            missing = f" (missing package: {error.name})"
+            raise LoyaltySyncError(DEVKIT_MISSING.format(command=command) + missing) from None
+        raise
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     """Run both emulators until interrupted."""
-    from loyaltysync.sandbox.run import run_sandbox
+    run_sandbox = _devkit("sandbox.run", "sandbox").run_sandbox
 
     try:
         asyncio.run(
@@ -139,17 +161,16 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole sync, both ways, on the built-in sandbox."""
-    from loyaltysync.demo import run_demo
-
-    return asyncio.run(run_demo())
+    return int(asyncio.run(_devkit("demo", "demo").run_demo()))
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Host function_app.py like `func start` (HTTP, queue and timer triggers)."""
     import logging
 
-    from loyaltysync.devhost import serve
     from loyaltysync.runtime import close_runtime
+
+    serve = _devkit("devhost", "dev").serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -27,10 +27,10 @@ from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
-from loyaltysync.azurite import expand_connection_string
 from loyaltysync.settings import CredentialKind, Settings, load_settings
 from loyaltysync.state import ControlStore, DeadLetterStore, StateStore
 from loyaltysync.state_tables import TableStorage, async_transport
+from loyaltysync.storage_connection import expand_connection_string
 from loyaltysync.sync import Engine
 from loyaltysync.targets.auth import build_credential
 from loyaltysync.targets.dataverse import DataverseClient

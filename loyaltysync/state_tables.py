@@ -44,7 +44,6 @@ from azure.core.pipeline.transport import AsyncHttpTransport, AsyncioRequestsTra
 from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from loyaltysync.azurite import expand_connection_string
 from loyaltysync.errors import ConcurrencyError, ConfigError
 from loyaltysync.events.model import utc_now
 from loyaltysync.state import (
@@ -60,6 +59,7 @@ from loyaltysync.state import (
     next_dead_letter,
     utf16_units,
 )
+from loyaltysync.storage_connection import expand_connection_string
 from loyaltysync.templates import Side
 
 DEFAULT_TABLE_PREFIX = "loyaltysync"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from loyaltysync.azurite import Azurite
+from devkit.azurite import Azurite
 
 
 @pytest.fixture(scope="session")

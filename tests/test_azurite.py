@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from azure.data.tables.aio import TableServiceClient
 
-from loyaltysync.azurite import (
+from devkit.azurite import (
     ACCOUNT_KEY,
     ACCOUNT_NAME,
     Azurite,

@@ -11,12 +11,12 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from devkit.sandbox import dataverse as dataverse_emulator
+from devkit.sandbox import fno as fno_emulator
 from loyaltysync.bulk import SyncOptions, exit_code, initial_sync
 from loyaltysync.bulk.checkpoint import load
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.runtime import Runtime, build_runtime
-from loyaltysync.sandbox import dataverse as dataverse_emulator
-from loyaltysync.sandbox import fno as fno_emulator
 from loyaltysync.settings import load_settings
 from loyaltysync.templates import Template, default_mappings_dir, load_templates
 

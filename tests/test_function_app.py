@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from devkit.devhost.invocation import InvocationContext
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {
     "FNO_URL": "https://contoso.operations.dynamics.com",
@@ -122,7 +124,7 @@ def test_inbound_handler_queues_and_answers_202(monkeypatch: pytest.MonkeyPatch)
         params={},
         body=body,
     )
-    response = handler.get_user_function()(request, out)
+    response = handler.get_user_function()(request, out, InvocationContext("i-1", "dataverse_loyalty_cards"))
     assert response.status_code == 202
     assert out.value is not None and len(out.value) == 1
     assert json.loads(out.value[0])["template"] == "loyalty-cards"
@@ -134,7 +136,7 @@ def test_inbound_handler_queues_and_answers_202(monkeypatch: pytest.MonkeyPatch)
         body=b"{nope",
     )
     out2 = Out()
-    refused = handler.get_user_function()(bad, out2)
+    refused = handler.get_user_function()(bad, out2, InvocationContext("i-2", "dataverse_loyalty_cards"))
     assert refused.status_code == 400 and out2.value is None
     assert "error" in json.loads(refused.get_body())
     sys.modules.pop("function_app", None)

@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from devkit.sandbox.dataverse import AGENT_USER
+from devkit.stack import Stack, running_stack, settle
 from loyaltysync.runtime import Runtime, get_runtime
-from loyaltysync.sandbox.dataverse import AGENT_USER
-from loyaltysync.stack import Stack, running_stack, settle
 
 T = TypeVar("T")
 LEVELS_FO, LEVELS_DV = "LoyaltyLevels", "msdyn_loyaltylevels"

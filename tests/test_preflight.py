@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from devkit.sandbox import dataverse as dataverse_emulator
+from devkit.sandbox import fno as fno_emulator
 from loyaltysync import preflight
 from loyaltysync.preflight.metadata import parse_csdl
-from loyaltysync.sandbox import dataverse as dataverse_emulator
-from loyaltysync.sandbox import fno as fno_emulator
 from loyaltysync.targets.auth import StaticTokenCredential
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.fno import FnoClient

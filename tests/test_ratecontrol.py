@@ -12,11 +12,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from devkit.sandbox.common import Faults
+from devkit.sandbox.dataverse import CostModel, ServiceProtectionLimits, create_app
 from loyaltysync.bulk.prepare import Item
 from loyaltysync.bulk.writers import DataverseWriter
 from loyaltysync.ratecontrol import AimdState, RateController, RateSettings
-from loyaltysync.sandbox.common import Faults
-from loyaltysync.sandbox.dataverse import CostModel, ServiceProtectionLimits, create_app
 from loyaltysync.targets.auth import StaticTokenCredential
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.http import Attempt, RetryPolicy

@@ -10,12 +10,12 @@ import httpx
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
+from devkit.sandbox import dataverse as dataverse_emulator
+from devkit.sandbox import fno as fno_emulator
 from loyaltysync import mapping
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.reconcile import WATERMARK_SCOPE, reconcile_full, reconcile_incremental
 from loyaltysync.runtime import Runtime, build_runtime
-from loyaltysync.sandbox import dataverse as dataverse_emulator
-from loyaltysync.sandbox import fno as fno_emulator
 from loyaltysync.settings import load_settings
 from loyaltysync.state import SyncRecord
 from loyaltysync.templates import default_mappings_dir, load_templates

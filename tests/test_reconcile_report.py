@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.sandbox import dataverse as dataverse_emulator
+from devkit.sandbox import fno as fno_emulator
 from loyaltysync.reconcile import reconcile_full
 from loyaltysync.reconcile_report import Difference, ReportWriter
 from loyaltysync.runtime import Runtime, build_runtime
-from loyaltysync.sandbox import dataverse as dataverse_emulator
-from loyaltysync.sandbox import fno as fno_emulator
 from loyaltysync.settings import load_settings
 from loyaltysync.templates import default_mappings_dir, load_templates
 

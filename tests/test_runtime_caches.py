@@ -25,9 +25,9 @@ from azure.core.exceptions import ServiceRequestError
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.queue.aio import QueueClient
 
+from devkit.azurite import Azurite
+from devkit.devhost.storage import _transport as devhost_transport
 from loyaltysync import operations, worker
-from loyaltysync.azurite import Azurite
-from loyaltysync.devhost.storage import _transport as devhost_transport
 from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.runtime import SUCCESS_SCOPE, LatestDocuments, Runtime, build_runtime, storage_transport

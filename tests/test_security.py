@@ -36,11 +36,11 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import BinaryBase64DecodePolicy
 from azure.storage.queue.aio import QueueClient
 
-from loyaltysync.azurite import Azurite, free_port
-from loyaltysync.devhost import DevHost
+from devkit.azurite import Azurite, free_port
+from devkit.devhost import DevHost
+from devkit.sandbox.dataverse import AGENT_USER
+from devkit.stack import running_stack, settle
 from loyaltysync.runtime import close_runtime, get_runtime
-from loyaltysync.sandbox.dataverse import AGENT_USER
-from loyaltysync.stack import running_stack, settle
 from loyaltysync.targets.auth import StaticTokenCredential
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.fno import FnoClient

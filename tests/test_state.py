@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from loyaltysync.azurite import Azurite
+from devkit.azurite import Azurite
 from loyaltysync.errors import ConcurrencyError
 from loyaltysync.state import (
     MAX_PAYLOAD_UNITS,

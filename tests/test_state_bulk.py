@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from loyaltysync.azurite import Azurite
+from devkit.azurite import Azurite
 from loyaltysync.state import MemoryStateStore, StateStore, SyncRecord
 from loyaltysync.state_tables import TableStorage
 

@@ -17,7 +17,7 @@ from azure.data.tables.aio import TableServiceClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loyaltysync.azurite import Azurite
+from devkit.azurite import Azurite
 from loyaltysync.errors import ConfigError
 from loyaltysync.state import SyncRecord
 from loyaltysync.state_tables import (

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.sandbox import dataverse as dataverse_emulator
+from devkit.sandbox import fno as fno_emulator
 from loyaltysync.errors import MappingError
 from loyaltysync.events.model import ChangeEvent
-from loyaltysync.sandbox import dataverse as dataverse_emulator
-from loyaltysync.sandbox import fno as fno_emulator
 from loyaltysync.state import MemoryStateStore
 from loyaltysync.sync import Engine
 from loyaltysync.targets.auth import StaticTokenCredential

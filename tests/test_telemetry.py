@@ -25,14 +25,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from devkit.azurite import Azurite
+from devkit.sandbox import dataverse as dataverse_emulator
+from devkit.sandbox import fno as fno_emulator
+from devkit.sandbox.common import Faults
 from loyaltysync import inbound, telemetry, worker
-from loyaltysync.azurite import Azurite
 from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.runtime import Runtime, build_runtime
-from loyaltysync.sandbox import dataverse as dataverse_emulator
-from loyaltysync.sandbox import fno as fno_emulator
-from loyaltysync.sandbox.common import Faults
 from loyaltysync.settings import load_settings
 from loyaltysync.targets.http import Attempt
 from loyaltysync.telemetry import setup

@@ -14,12 +14,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from devkit.sandbox.dataverse import create_app
+from devkit.sandbox.dataverse.org import Organization
 from loyaltysync import webhooks
 from loyaltysync.errors import ConfigError
 from loyaltysync.events.dataverse import dataverse_change
 from loyaltysync.events.remote_context import read_remote_context
-from loyaltysync.sandbox.dataverse import create_app
-from loyaltysync.sandbox.dataverse.org import Organization
 from loyaltysync.targets.auth import StaticTokenCredential
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.templates import Template, default_mappings_dir, load_templates

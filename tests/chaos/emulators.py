@@ -36,10 +36,10 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from loyaltysync.azurite import free_port
-from loyaltysync.sandbox import dataverse, fno
-from loyaltysync.sandbox.common import bearer_matches, drop_aware
-from loyaltysync.sandbox.dataverse.protection import ServiceProtectionLimits
+from devkit.azurite import free_port
+from devkit.sandbox import dataverse, fno
+from devkit.sandbox.common import bearer_matches, drop_aware
+from devkit.sandbox.dataverse.protection import ServiceProtectionLimits
 from loyaltysync.templates import Template, default_mappings_dir, load_templates
 
 TALLY_PATH = "/_chaos/creates"

@@ -36,10 +36,10 @@ from typing import Any
 
 import httpx
 
+from devkit.sandbox.dataverse import AGENT_USER, CURRENCY_IDS
+from devkit.stack import Stack
 from loyaltysync.errors import TargetError
 from loyaltysync.runtime import Runtime
-from loyaltysync.sandbox.dataverse import AGENT_USER, CURRENCY_IDS
-from loyaltysync.stack import Stack
 from loyaltysync.targets.auth import StaticTokenCredential
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.fno import FnoClient

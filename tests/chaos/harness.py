@@ -1,6 +1,6 @@
 """The system under chaos: Azurite, the emulators (a process of their own) and the dev host in this process.
 
-The same wiring as `loyaltysync.stack.running_stack` (real HTTP, real Storage
+The same wiring as `devkit.stack.running_stack` (real HTTP, real Storage
 queues and tables, webhooks registered through the Dataverse Web API, F&O data
 events subscribed), with two differences: the emulators run in a child process
 (tests/chaos/emulators.py) so the function app gets a core of its own, and the
@@ -27,9 +27,9 @@ from typing import Any
 import httpx
 from azure.core.exceptions import ResourceNotFoundError
 
-from loyaltysync.azurite import Azurite, free_port
+from devkit.azurite import Azurite, free_port
+from devkit.stack import REPO, Server, Stack, register, sandbox_settings
 from loyaltysync.runtime import Runtime
-from loyaltysync.stack import REPO, Server, Stack, register, sandbox_settings
 from loyaltysync.templates import default_mappings_dir, load_templates
 
 APP_MODULE = "function_app"
@@ -69,7 +69,7 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 @contextlib.asynccontextmanager
 async def chaos_stack(*, seed: int, extra_env: dict[str, str] | None = None) -> AsyncIterator[Stack]:
     """Everything running and registered; the Stack's emulator `Server`s have no in-process app."""
-    from loyaltysync.devhost import DevHost
+    from devkit.devhost import DevHost
     from loyaltysync.runtime import close_runtime
 
     templates = load_templates(default_mappings_dir())

@@ -131,7 +131,7 @@ def quiet_logs(watch: logging.Handler) -> Iterator[None]:
     saved = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    host = logging.getLogger("loyaltysync.devhost")
+    host = logging.getLogger("devkit.devhost")
     host.addHandler(watch)
     propagate, host.propagate = host.propagate, False
     try:

@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.sandbox import dataverse as dataverse_emulator
+from devkit.sandbox import fno as fno_emulator
+from devkit.sandbox.dataverse import AGENT_USER, INTEGRATION_USER
 from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
-from loyaltysync.sandbox import dataverse as dataverse_emulator
-from loyaltysync.sandbox import fno as fno_emulator
-from loyaltysync.sandbox.dataverse import AGENT_USER, INTEGRATION_USER
 from loyaltysync.state import MemoryStateStore
 from loyaltysync.sync import RECORD_BUSY, Engine
 from loyaltysync.targets.auth import StaticTokenCredential

@@ -3,7 +3,7 @@
 Run as `python -m tests.chaos.worker_process` with the environment of the run's
 in-process dev host (FNO_URL, DATAVERSE_URL, AzureWebJobsStorage,
 LOYALTYSYNC_SANDBOX_TOKEN, ... see tests/chaos/harness.py `chaos_stack`). It
-starts `loyaltysync.devhost.DevHost` for the same `function_app` on a free
+starts `devkit.devhost.DevHost` for the same `function_app` on a free
 port, so it consumes the same Azurite queues as the in-process host, as a
 scaled-out second instance in Azure would. It only runs the host: webhooks and
 F&O event subscriptions were registered once by the harness and point at the
@@ -50,10 +50,10 @@ from typing import IO
 
 from azure.core.exceptions import HttpResponseError
 
+from devkit.devhost import queues
+from devkit.stack import REPO
 from loyaltysync import worker
-from loyaltysync.devhost import queues
 from loyaltysync.events.model import ChangeEvent
-from loyaltysync.stack import REPO
 from loyaltysync.sync import Outcome
 from tests.chaos import faults
 
@@ -98,7 +98,7 @@ def _quiet_logs() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    host = logging.getLogger("loyaltysync.devhost")
+    host = logging.getLogger("devkit.devhost")
     host.addHandler(_PrintingWatch())
     host.propagate = False
 
@@ -128,7 +128,7 @@ def _kills_from_env() -> faults.Kills:
 
 async def main() -> None:
     """Serve every function of `function_app` until SIGTERM (or until a kill ends the process)."""
-    from loyaltysync.devhost import DevHost
+    from devkit.devhost import DevHost
     from loyaltysync.runtime import close_runtime
 
     _quiet_logs()

@@ -17,7 +17,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.core.pipeline.transport import AsyncioRequestsTransport
 from azure.storage.queue.aio import QueueClient
 
-from loyaltysync.devhost import DevHost
+from devkit.devhost import DevHost
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from azure.storage.queue.aio import QueueClient
 
-from loyaltysync.devhost import DevHost
+from devkit.devhost import DevHost
 
 StartHost = Callable[..., Awaitable[DevHost]]
 
@@ -114,7 +114,7 @@ async def test_response_conversion_and_failures(
         assert custom.content == b"<p>hi</p>"
         assert (await client.get("/api/ping")).headers["content-type"] == "text/plain; charset=utf-8"
 
-        with caplog.at_level(logging.INFO, logger="loyaltysync.devhost"):
+        with caplog.at_level(logging.INFO, logger="devkit.devhost"):
             failed = await client.get("/api/boom")
             no_response = await client.get("/api/nothing")
             await client.get("/api/ping")

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loyaltysync.azurite import free_port
-from loyaltysync.devhost import DevHost, DevHostError, serve
-from loyaltysync.devhost.host_json import load_host_json
+from devkit.azurite import free_port
+from devkit.devhost import DevHost, DevHostError, serve
+from devkit.devhost.host_json import load_host_json
 from loyaltysync.errors import ConfigError
 
 StartHost = Callable[..., Awaitable[DevHost]]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from azure.storage.queue.aio import QueueClient
 
-from loyaltysync.devhost import DevHost, queues
+from devkit.devhost import DevHost, queues
 
 StartHost = Callable[..., Awaitable[DevHost]]
 QueueOpener = Callable[[str], Awaitable[QueueClient]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loyaltysync.devhost.keys import HostKeys, authorized, load_keys, presented_key
-from loyaltysync.devhost.routes import parse_route
+from devkit.devhost.keys import HostKeys, authorized, load_keys, presented_key
+from devkit.devhost.routes import parse_route
 
 GUID = "6f1c2e1e-0d0a-4b8e-9c3e-2b1d4f5a6c7d"
 

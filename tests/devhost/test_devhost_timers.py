@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from azure.functions.timer import TimerRequest
 
-from loyaltysync.devhost import DevHost
-from loyaltysync.devhost.app import FunctionSpec
-from loyaltysync.devhost.invocation import Outcome
-from loyaltysync.devhost.ncrontab import parse_schedule
-from loyaltysync.devhost.timers import TimerRunner
+from devkit.devhost import DevHost
+from devkit.devhost.app import FunctionSpec
+from devkit.devhost.invocation import Outcome
+from devkit.devhost.ncrontab import parse_schedule
+from devkit.devhost.timers import TimerRunner
 
 StartHost = Callable[..., Awaitable[DevHost]]
 T0 = datetime(2024, 3, 14, 10, 7, 30, 500000, tzinfo=UTC)  # a Thursday

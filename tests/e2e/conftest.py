@@ -30,12 +30,12 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from devkit.sandbox.common import Faults
+from devkit.sandbox.dataverse import AGENT_USER, CURRENCY_IDS
+from devkit.stack import Server, Stack, running_stack, settle
 from loyaltysync import worker
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.runtime import Runtime, get_runtime
-from loyaltysync.sandbox.common import Faults
-from loyaltysync.sandbox.dataverse import AGENT_USER, CURRENCY_IDS
-from loyaltysync.stack import Server, Stack, running_stack, settle
 from loyaltysync.sync import Outcome
 from loyaltysync.targets.auth import StaticTokenCredential
 from loyaltysync.targets.dataverse import DataverseClient

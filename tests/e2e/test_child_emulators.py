@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from loyaltysync.stack import RemoteServer
+from devkit.stack import RemoteServer
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import E2E

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from loyaltysync.sandbox.dataverse import CURRENCY_IDS
+from devkit.sandbox.dataverse import CURRENCY_IDS
 from loyaltysync.templates import Side
 
 if TYPE_CHECKING:

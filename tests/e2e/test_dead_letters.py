@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from loyaltysync.sandbox.dataverse import CURRENCY_IDS
+from devkit.sandbox.dataverse import CURRENCY_IDS
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import E2E

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from loyaltysync.sandbox.dataverse import AGENT_USER
+from devkit.sandbox.dataverse import AGENT_USER
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import E2E

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from loyaltysync.sandbox.batch import (
+from devkit.sandbox.batch import (
     NOT_READABLE,
     BatchLimitError,
     BatchSyntaxError,
@@ -26,8 +26,8 @@ from loyaltysync.sandbox.batch import (
     parse_batch_response,
     render_batch,
 )
-from loyaltysync.sandbox.common import SandboxMiddleware, SandboxState
-from loyaltysync.sandbox.store import Store, Table
+from devkit.sandbox.common import SandboxMiddleware, SandboxState
+from devkit.sandbox.store import Store, Table
 
 BASE = "/api/data/v9.2"
 TOKEN = "batch-token"

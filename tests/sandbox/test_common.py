@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from loyaltysync.sandbox.common import (
+from devkit.sandbox.common import (
     ConnectionDropped,
     Faults,
     SandboxMiddleware,
@@ -28,7 +28,7 @@ from loyaltysync.sandbox.common import (
     drop_aware,
     sandbox_token,
 )
-from loyaltysync.sandbox.delivery import Outgoing, RetryPolicy
+from devkit.sandbox.delivery import Outgoing, RetryPolicy
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from loyaltysync.sandbox.common import Faults
-from loyaltysync.sandbox.dataverse import SUPERVISOR_USER, create_app
+from devkit.sandbox.common import Faults
+from devkit.sandbox.dataverse import SUPERVISOR_USER, create_app
 
 TOKEN = "dv-access-token"
 ROOT = "http://localhost"

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from loyaltysync.sandbox.batch import parse_batch_response
-from loyaltysync.sandbox.dataverse import AGENT_USER, CURRENCY_IDS, INTEGRATION_USER, create_app
-from loyaltysync.sandbox.dataverse.org import Organization
+from devkit.sandbox.batch import parse_batch_response
+from devkit.sandbox.dataverse import AGENT_USER, CURRENCY_IDS, INTEGRATION_USER, create_app
+from devkit.sandbox.dataverse.org import Organization
 
 TOKEN = "dv-bulk-token"
 BASE = "http://localhost/api/data/v9.2/"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from loyaltysync.sandbox.dataverse import AGENT_USER, CURRENCY_IDS, INTEGRATION_USER, create_app
+from devkit.sandbox.dataverse import AGENT_USER, CURRENCY_IDS, INTEGRATION_USER, create_app
 
 TOKEN = "dv-crud-token"
 BASE = "http://localhost/api/data/v9.2/"

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from loyaltysync.sandbox.dataverse import AGENT_USER, CURRENCY_IDS, INTEGRATION_USER, SUPERVISOR_USER, create_app
-from loyaltysync.sandbox.dataverse.org import Organization
+from devkit.sandbox.dataverse import AGENT_USER, CURRENCY_IDS, INTEGRATION_USER, SUPERVISOR_USER, create_app
+from devkit.sandbox.dataverse.org import Organization
 from loyaltysync.templates import Template, default_mappings_dir, load_templates
 
 TOKEN = "dv-meta-token"

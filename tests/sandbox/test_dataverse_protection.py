@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from loyaltysync.sandbox.dataverse import AGENT_USER, ServiceProtectionLimits, create_app
-from loyaltysync.sandbox.dataverse.protection import CostModel, Limiter
+from devkit.sandbox.dataverse import AGENT_USER, ServiceProtectionLimits, create_app
+from devkit.sandbox.dataverse.protection import CostModel, Limiter
 
 TOKEN = "dv-limits-token"
 BASE = "http://localhost/api/data/v9.2/"

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from loyaltysync.sandbox.dataverse import create_app
-from loyaltysync.sandbox.dataverse.org import Organization
+from devkit.sandbox.dataverse import create_app
+from devkit.sandbox.dataverse.org import Organization
 
 TOKEN = "dv-query-token"
 PUBLIC = "http://127.0.0.1:7082"
@@ -202,7 +202,7 @@ async def test_expand_a_registration_lookup(client: httpx.AsyncClient) -> None:
 
 
 async def test_a_lookup_filter_uses_the_value_property(client: httpx.AsyncClient) -> None:
-    from loyaltysync.sandbox.dataverse import INTEGRATION_USER
+    from devkit.sandbox.dataverse import INTEGRATION_USER
 
     rows = await values(client, f"$select=msdyn_cardnumber&$filter=_createdby_value eq {INTEGRATION_USER.systemuserid}")
     assert len(rows) == 30
@@ -223,8 +223,8 @@ FAST_FILTERS = [
 
 @pytest.mark.parametrize("filter_", FAST_FILTERS)
 def test_compiled_filters_agree_with_the_generic_evaluator(filter_: str) -> None:
-    from loyaltysync.sandbox.dataverse.predicates import compile_filter
-    from loyaltysync.sandbox.odata import evaluate, parse_filter
+    from devkit.sandbox.dataverse.predicates import compile_filter
+    from devkit.sandbox.odata import evaluate, parse_filter
 
     org = Organization()
     definition = org.defs["msdyn_loyaltycard"]
@@ -250,8 +250,8 @@ def test_compiled_filters_agree_with_the_generic_evaluator(filter_: str) -> None
 
 
 def test_filters_the_fast_path_cannot_take_fall_back() -> None:
-    from loyaltysync.sandbox.dataverse.predicates import compile_filter
-    from loyaltysync.sandbox.odata import parse_filter
+    from devkit.sandbox.dataverse.predicates import compile_filter
+    from devkit.sandbox.odata import parse_filter
 
     org = Organization()
     definition = org.defs["msdyn_loyaltycard"]

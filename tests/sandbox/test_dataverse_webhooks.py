@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from loyaltysync.sandbox.dataverse import AGENT_USER, CURRENCY_IDS, INTEGRATION_USER, create_app
-from loyaltysync.sandbox.dataverse.org import Organization
+from devkit.sandbox.dataverse import AGENT_USER, CURRENCY_IDS, INTEGRATION_USER, create_app
+from devkit.sandbox.dataverse.org import Organization
 
 TOKEN = "dv-hook-token"
 BASE = "http://localhost/api/data/v9.2/"

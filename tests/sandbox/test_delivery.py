@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from loyaltysync.sandbox.common import Counters, Faults
-from loyaltysync.sandbox.delivery import (
+from devkit.sandbox.common import Counters, Faults
+from devkit.sandbox.delivery import (
     DATAVERSE_WEBHOOK_RETRY,
     FNO_EVENT_RETRY,
     Delivery,

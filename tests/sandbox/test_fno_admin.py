@@ -10,10 +10,10 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from loyaltysync.sandbox.common import Faults
-from loyaltysync.sandbox.fno import create_app
-from loyaltysync.sandbox.fno.dataset import FnoData
-from loyaltysync.sandbox.fno.schema import build_catalog
+from devkit.sandbox.common import Faults
+from devkit.sandbox.fno import create_app
+from devkit.sandbox.fno.dataset import FnoData
+from devkit.sandbox.fno.schema import build_catalog
 
 TOKEN = "fno-test-token"
 BASE = "https://fno.test"

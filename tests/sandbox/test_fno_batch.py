@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from loyaltysync.sandbox.batch import ResponsePart, parse_batch_response
-from loyaltysync.sandbox.fno import create_app
+from devkit.sandbox.batch import ResponsePart, parse_batch_response
+from devkit.sandbox.fno import create_app
 
 TOKEN = "fno-test-token"
 BASE = "https://fno.test"

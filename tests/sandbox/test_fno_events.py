@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from loyaltysync.sandbox.fno import create_app
+from devkit.sandbox.fno import create_app
 from loyaltysync.templates import default_mappings_dir, load_templates, parse_template
 
 TOKEN = "fno-test-token"

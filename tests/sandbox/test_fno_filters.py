@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from loyaltysync.sandbox.fno.filters import compile_filter, key_lookup, parse_filter_for
-from loyaltysync.sandbox.fno.schema import build_catalog
-from loyaltysync.sandbox.odata import evaluate
+from devkit.sandbox.fno.filters import compile_filter, key_lookup, parse_filter_for
+from devkit.sandbox.fno.schema import build_catalog
+from devkit.sandbox.odata import evaluate
 
 CATALOG = build_catalog(None)
 CARDS = CATALOG.entities["RetailLoyaltyCards"]

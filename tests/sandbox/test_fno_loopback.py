@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from loyaltysync.sandbox.fno import create_app
+from devkit.sandbox.fno import create_app
 
 TOKEN = "fno-loopback-token"
 

@@ -7,7 +7,7 @@ from xml.etree import ElementTree as ET
 
 import httpx
 
-from loyaltysync.sandbox.fno import create_app
+from devkit.sandbox.fno import create_app
 from loyaltysync.templates import default_mappings_dir, load_templates, parse_template
 
 TOKEN = "fno-test-token"

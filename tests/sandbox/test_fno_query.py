@@ -9,7 +9,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from loyaltysync.sandbox.fno import create_app
+from devkit.sandbox.fno import create_app
 
 TOKEN = "fno-test-token"
 BASE = "https://fno.test"

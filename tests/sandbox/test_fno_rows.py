@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loyaltysync.sandbox.fno import create_app
+from devkit.sandbox.fno import create_app
 from loyaltysync.templates import default_mappings_dir, load_templates, parse_template
 
 TOKEN = "fno-test-token"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loyaltysync.sandbox.odata import (
+from devkit.sandbox.odata import (
     BoolOp,
     Compare,
     InList,

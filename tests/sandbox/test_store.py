@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from loyaltysync.sandbox.store import DuplicateKey, MissingKey, RowNotFound, Store, Table, UnknownColumn
+from devkit.sandbox.store import DuplicateKey, MissingKey, RowNotFound, Store, Table, UnknownColumn
 
 
 def cards(casefold: bool = False) -> Table:
