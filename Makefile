@@ -10,7 +10,7 @@ help:
 	@echo "make test        lint (ruff), types (mypy --strict) and every test"
 	@echo "make bench       all four benchmarks and their summary (about 10 minutes)"
 	@echo "make bench-core  core path benchmark (parse + map + decide)"
-	@echo "make chaos       the full chaos run: 20,000 operations under faults"
+	@echo "make chaos       the chaos run with real process kills: OPS=20000 SEED=<random> by default"
 	@echo "make sandbox     start the F&O and Dataverse emulators"
 
 $(VENV_OK): requirements.txt requirements-dev.txt pyproject.toml
@@ -41,8 +41,11 @@ bench: $(VENV_OK) $(NODE_OK)
 bench-core: $(VENV_OK)
 	$(PY) bench/core_path.py
 
+# The cross-check with real HTTP, Azurite and real process kills: `make chaos OPS=2000 SEED=42`.
+OPS ?= 20000
+SEED ?=
 chaos: $(VENV_OK) $(NODE_OK)
-	$(PY) -m tests.chaos.run --operations 20000
+	$(PY) -m tests.chaos.run --operations $(OPS) $(if $(SEED),--seed $(SEED))
 
 sandbox: $(VENV_OK)
 	$(PY) -m loyaltysync sandbox

@@ -56,6 +56,7 @@ from tests.chaos.worker_process import DEFAULT_KILL_RATE, SecondInstance, instan
 
 REDUCED = 2000
 FULL = 20_000
+DEFAULT_SEED = 7  # the seed `make test` plays; `make chaos` picks a random one unless SEED= is given
 POISON_CURRENCY_ID = "ce1a0000-0000-4000-8000-000000000963"
 QUIET_LOGGERS = ("loyaltysync", "azure", "uvicorn", "httpx")
 CRASH_POINTS = faults.CRASH_POINTS
@@ -151,7 +152,7 @@ def seed_sizes(operations: int) -> dict[str, int]:
 async def run_chaos(
     operations: int = REDUCED,
     *,
-    seed: int = 7,
+    seed: int = DEFAULT_SEED,
     actors: int = 12,
     crash_points: frozenset[str] = CRASH_POINTS,
     conflict_orders: tuple[str, ...] = DEFAULT_CONFLICTS,
@@ -431,7 +432,7 @@ def parse_options(crash_points: str | None, conflicts: str | None) -> tuple[froz
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Chaos run: convergence under faults.")
     parser.add_argument("--operations", type=int, default=FULL)
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=None, help="default: a random one, printed for a replay")
     parser.add_argument("--actors", type=int, default=12)
     parser.add_argument(
         "--kill-rate",
@@ -450,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"where the worker may be crashed, comma-separated, from: {', '.join(sorted(CRASH_POINTS))}",
     )
     args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1, 1_000_000)
+    print(f"chaos: seed {args.seed} (replay: .venv/bin/python -m tests.chaos.run --operations {args.operations} "
+          f"--seed {args.seed} --kill-rate {args.kill_rate})", flush=True)
     try:
         points, orders = parse_options(args.crash_points, args.conflicts)
     except ValueError as exc:

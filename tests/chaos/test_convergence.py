@@ -21,6 +21,7 @@ async def test_both_sides_converge_under_faults(
     lines: list[str] = []
     report = await run_chaos(
         chaos_options.operations,
+        seed=chaos_options.seed,
         crash_points=chaos_options.crash_points,
         conflict_orders=chaos_options.conflicts,
         kill_rate=chaos_options.kill_rate,
