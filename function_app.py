@@ -220,8 +220,11 @@ if SETTINGS.eventgrid_enabled:
     @app.function_name(name="fo_eventgrid")
     @app.event_grid_trigger(arg_name="event")
     async def fo_eventgrid(event: func.EventGridEvent) -> None:
-        """F&O business events through an Event Grid subscription (the extension does the handshake)."""
-        runtime = await _runtime()
+        """F&O business events through an Event Grid subscription (the extension does the handshake).
+
+        Another publisher's event on the topic is logged and counted as skipped, and the invocation
+        succeeds: raising would only make Event Grid retry, then dead-letter, an event that is not ours.
+        """
         body = json.dumps(
             [
                 {
@@ -240,5 +243,8 @@ if SETTINGS.eventgrid_enabled:
         )
         if reply.status >= 400:
             raise ValueError(f"Event Grid event {event.id} refused: {reply.body}")
+        if not reply.messages:
+            return  # not an F&O event: handle_inbound logged and counted it
+        runtime = await _runtime()
         for message in reply.messages:
             await runtime.enqueue(json.loads(message)["template"], message)

@@ -145,9 +145,20 @@ def _instant(text: str) -> datetime | None:
         return None
 
 
-def is_stale(event_version: str | None, seen_version: str | None) -> bool:
-    """An event not newer than the version already applied from its side changes nothing."""
-    return event_version is not None and seen_version is not None and not is_newer(event_version, seen_version)
+def is_stale(event_version: str | None, seen_version: str | None, operation: str = "update") -> bool:
+    """Whether an event is older than what was already applied from its side, so it changes nothing.
+
+    A create or update carries the version its change *produced*: not newer than the version seen
+    means already reflected (a duplicate, or a late delivery). A delete carries the version of the
+    row it *removed* (the pre-image's: the row's last change, the number that change's own event
+    carried); the delete itself comes after it. So a delete is stale only when a strictly newer
+    version has been seen (the key lives on in a later row, e.g. re-created since); equal is live.
+    """
+    if event_version is None or seen_version is None:
+        return False
+    if operation == "delete":
+        return is_newer(seen_version, event_version)
+    return not is_newer(event_version, seen_version)
 
 
 def decide(

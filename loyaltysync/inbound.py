@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from loyaltysync.errors import EventError
 from loyaltysync.events import Handshake, parse_inbound
 from loyaltysync.templates import Side, Template
 
+log = logging.getLogger(__name__)
 JSON_TYPES = ("application/json", "application/cloudevents+json", "application/cloudevents-batch+json", "text/json")
 
 
@@ -76,7 +78,9 @@ def handle_inbound(
 
     401 wrong shared secret; 413 body too large; 415 not JSON; 400/422 unreadable
     payload with the reason; 200 Event Grid validation answer; 202 accepted with
-    the event ids. Nothing is queued unless the answer is 202. Traced as one span
+    the event ids, and the Event Grid events left out as not F&O's (`skipped`: each
+    logged and counted; 202 even when none was F&O's, so Event Grid redelivers
+    nothing). Nothing is queued unless the answer is 202. Traced as one span
     (a child of the host's request when `host_traceparent` names it); each queued
     event carries the trace context on to the worker.
     """
@@ -115,8 +119,15 @@ def _handle(
     if isinstance(result, Handshake):
         return Reply(status=200, body=dict(result.response))
     events = result.events
-    return Reply(
-        status=202,
-        body={"accepted": len(events), "event_ids": [e.event_id for e in events]},
-        messages=[telemetry.current().stamp(e).to_json() for e in events],
-    )
+    answer: dict[str, Any] = {"accepted": len(events), "event_ids": [e.event_id for e in events]}
+    for item in result.skipped:
+        log.warning(
+            "Event Grid event [%d] (id %s, eventType %s) skipped: %s", item.index, item.id, item.event_type, item.reason
+        )
+        telemetry.current().foreign_event(side, item.event_type)
+    if result.skipped:
+        answer["skipped"] = [
+            {"index": item.index, "id": item.id, "eventType": item.event_type, "reason": item.reason}
+            for item in result.skipped
+        ]
+    return Reply(status=202, body=answer, messages=[telemetry.current().stamp(e).to_json() for e in events])

@@ -206,7 +206,7 @@ class Engine:
         key_text = mapping.key_text(key)
         record = await self.state.get(template.name, key_text)
         ours = (event.initiating_user or "").lower() in self.integration_users
-        if record is not None and is_stale(event.source_version, record.versions.get(event.side)):
+        if record is not None and is_stale(event.source_version, record.versions.get(event.side), event.operation):
             return Outcome(template.name, event.side, key_text, "echo" if ours else "stale")
         fresh_s = _writing_elsewhere(record, self.writing_elsewhere_s, self.instance) if record else 0.0
         if fresh_s > 0:
@@ -214,8 +214,8 @@ class Engine:
             # would lose the proof that they are the sync's own (see SyncRecord.pending).
             raise _Busy(f"{template.name} {key_text} is being written by another step", fresh_s)
 
-        # A payload can predate a delete already applied (webhooks come late and out of order, and a
-        # delete carries no version to make them stale): for a tombstone only a re-read says it exists.
+        # A payload can predate a delete already applied (webhooks come late and out of order, and not
+        # every event carries a version to make them stale): for a tombstone only a re-read says it exists.
         tombstone = record is not None and record.deleted
         use_payload = (
             event.complete and not ours and event.operation != "delete" and not tombstone

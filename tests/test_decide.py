@@ -528,6 +528,25 @@ def test_is_stale(event: str | None, seen: str | None, stale: bool) -> None:
     assert is_stale(event, seen) is stale
 
 
+@pytest.mark.parametrize(
+    ("event", "seen", "stale"),
+    [
+        # A Delete's pre-image carries the version of the row's last change: the very number the
+        # last Update carried and the engine applied. The delete came after it: it is live.
+        ("8", "8", False),
+        ("9", "8", False),
+        # A newer version was applied since (the key lives on in a row re-created after this delete).
+        ("7", "8", True),
+        (None, "8", False),
+        ("8", None, False),
+    ],
+)
+def test_a_delete_is_stale_only_when_a_newer_version_was_applied(
+    event: str | None, seen: str | None, stale: bool
+) -> None:
+    assert is_stale(event, seen, "delete") is stale
+
+
 def test_agreed_from_state() -> None:
     assert agreed_from_state(None, False) == NO_STATE
     assert agreed_from_state({"CardNumber": "C-1"}, False) == Agreed({"CardNumber": "C-1"}, True)

@@ -32,6 +32,13 @@ CATALOGUE: list[tuple[str, Side, str | None]] = [
     ("cloudevent-loyaltylevel.json", "fo", "loyalty-levels"),
     ("eventgrid-loyalty-notifications.json", "fo", None),
     ("eventgrid-validation.json", "fo", None),
+    # Real-world shapes (tests/fixtures/events/README.md), each with its expected parse in expected/.
+    ("dataverse-loyaltycard-update-typed-values.json", "dataverse", "loyalty-cards"),
+    ("dataverse-loyaltyrewardpoint-update-typed-values.json", "dataverse", "loyalty-reward-points"),
+    ("dataverse-loyaltycard-delete-rowversion.json", "dataverse", "loyalty-cards"),
+    ("fo-dataevent-loyaltycard-updated-no-ids.json", "fo", "loyalty-cards"),
+    ("fo-businessevent-loyaltycard-no-user.json", "fo", "loyalty-cards"),
+    ("eventgrid-fo-and-blobcreated.json", "fo", None),
 ]
 
 

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devkit.devhost.invocation import InvocationContext
 from loyaltysync.events.model import ChangeEvent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,7 @@ def call(handler: Handler, body: bytes, headers: dict[str, str], method: str = "
     """Invoke like the host: (status, decoded JSON body, what was put on the queue)."""
     out = Captured()
     request = func.HttpRequest(method=method, url="http://localhost/api/x", headers=headers, params={}, body=body)
-    response = handler(request, out)
+    response = handler(request, out, InvocationContext("hostile", "inbound"))
     text = response.get_body()
     return response.status_code, json.loads(text) if text else None, out.value
 

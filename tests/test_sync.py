@@ -122,6 +122,43 @@ async def test_a_delete_with_only_a_row_id_finds_its_key_in_the_state(world: Wor
     assert await world.fo.get("RetailLoyaltyCards", {"CardNumber": "S-4"}) is None
 
 
+async def test_a_delete_carrying_the_version_already_applied_deletes(world: World) -> None:
+    """A Delete's pre-image holds the row's last version, the one its last Update carried: not stale."""
+    person = world.dv.as_caller(dataverse_emulator.AGENT_USER.azureactivedirectoryobjectid)
+    await world.fo.create("RetailLoyaltyCards", card("S-9"))
+    await world.engine.process(event("fo", "S-9"))
+    await person.upsert("msdyn_loyaltycards", {"msdyn_cardnumber": "S-9"}, {"msdyn_partynumber": "P-9"}, mode="update")
+    row = await world.dv.get_by_key("msdyn_loyaltycards", {"msdyn_cardnumber": "S-9"})
+    assert row is not None
+    version = str(row["versionnumber"])
+    changed = await world.engine.process(event("dataverse", "S-9", source_version=version))
+    assert changed.reason == "changed" and changed.writes == {"fo": ["PartyNumber"]}
+
+    await person.delete_by_key("msdyn_loyaltycards", {"msdyn_cardnumber": "S-9"})
+    gone = await world.engine.process(event("dataverse", "S-9", operation="delete", source_version=version))
+    assert gone.reason == "deleted" and gone.deleted == "fo"
+    assert await world.fo.get("RetailLoyaltyCards", {"CardNumber": "S-9"}) is None
+
+
+async def test_a_late_delete_of_an_older_row_is_stale(world: World) -> None:
+    person = world.dv.as_caller(dataverse_emulator.AGENT_USER.azureactivedirectoryobjectid)
+    await world.fo.create("RetailLoyaltyCards", card("S-10"))
+    await world.engine.process(event("fo", "S-10"))
+    row = await world.dv.get_by_key("msdyn_loyaltycards", {"msdyn_cardnumber": "S-10"})
+    assert row is not None
+    await person.upsert(
+        "msdyn_loyaltycards", {"msdyn_cardnumber": "S-10"}, {"msdyn_partynumber": "P-10"}, mode="update"
+    )
+    newer = await world.dv.get_by_key("msdyn_loyaltycards", {"msdyn_cardnumber": "S-10"})
+    assert newer is not None
+    await world.engine.process(event("dataverse", "S-10", source_version=str(newer["versionnumber"])))
+    late = await world.engine.process(
+        event("dataverse", "S-10", operation="delete", source_version=str(int(newer["versionnumber"]) - 1))
+    )
+    assert late.reason == "stale"
+    assert await world.fo.get("RetailLoyaltyCards", {"CardNumber": "S-10"}) is not None
+
+
 async def test_an_unknown_currency_is_a_mapping_error_naming_field_and_value(world: World) -> None:
     await world.fo.create(
         "RetailLoyaltyRewardPoints",

@@ -13,12 +13,14 @@ message) and never any other exception.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loyaltysync.errors import EventError
 from loyaltysync.events.dataverse import SIZE_EXCEEDED_HEADER, dataverse_change, template_for_table
 from loyaltysync.events.envelopes import (
+    EVENT_GRID_TYPE_PREFIX,
+    GridEvent,
     ValidationRequest,
     decode_json,
     has_header,
@@ -44,6 +46,7 @@ __all__ = [
     "Handshake",
     "Operation",
     "Parsed",
+    "Skipped",
     "WireFormat",
     "parse_inbound",
     "parse_service_bus",
@@ -57,11 +60,22 @@ class Handshake:
     response: dict[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """An event of an Event Grid delivery that is not F&O's (another publisher's, or Event Grid's own)."""
+
+    index: int
+    id: str | None
+    event_type: str
+    reason: str
+
+
 @dataclass(slots=True)
 class Parsed:
-    """The changes a delivery announced (Event Grid may batch several)."""
+    """The changes a delivery announced (Event Grid may batch several), and the events it left out."""
 
     events: list[ChangeEvent]
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 def parse_inbound(
@@ -79,6 +93,10 @@ def parse_inbound(
     `BusinessEventId`) or a data event (MessageName `OnExternal*`). Without
     `template` the template is found from the payload; with it (the
     per-template route) a payload for another entity is `EventError` 422.
+    An Event Grid delivery may mix publishers: events whose data is not an F&O
+    event are left out and listed in `Parsed.skipped`, never a reason to refuse
+    the others; an F&O event that cannot be read refuses the delivery, naming
+    its index, id and type.
     """
     value = decode_json(body)
     if side == "dataverse":
@@ -88,7 +106,7 @@ def parse_inbound(
             unwrapped = read_event_grid(value, headers)
             if isinstance(unwrapped, ValidationRequest):
                 return Handshake({"validationResponse": unwrapped.code})
-            return Parsed([_fo_event(payload, templates, template, "event-grid") for payload in unwrapped])
+            return _event_grid_events(unwrapped, templates, template)
         return Parsed([_fo_event(value, templates, template, None)])
     raise EventError(f"unknown side {side!r}: 'fo' or 'dataverse'")
 
@@ -118,6 +136,37 @@ def _dataverse_event(
         )
     chosen = template_for_table(context.primary_entity_name, templates, template)
     return dataverse_change(context, chosen, size_exceeded=has_header(headers, SIZE_EXCEEDED_HEADER))
+
+
+def _event_grid_events(
+    grid_events: list[GridEvent], templates: Mapping[str, Template], template: Template | None
+) -> Parsed:
+    events: list[ChangeEvent] = []
+    skipped: list[Skipped] = []
+    for item in grid_events:
+        reason = _not_fo(item)
+        if reason is not None:
+            skipped.append(Skipped(item.index, item.id, item.event_type, reason))
+            continue
+        try:
+            events.append(_fo_event(item.data, templates, template, "event-grid"))
+        except EventError as exc:
+            raise EventError(
+                f"Event Grid event [{item.index}] (id {item.id!r}, eventType {item.event_type!r}): {exc.reason}",
+                exc.status,
+            ) from exc
+    return Parsed(events, skipped)
+
+
+def _not_fo(item: GridEvent) -> str | None:
+    """Why an Event Grid event is not an F&O one (None when it is): judged by its data, not its type name."""
+    if item.event_type.startswith(EVENT_GRID_TYPE_PREFIX):
+        return "an Event Grid system event"
+    if item.unreadable is not None:
+        return f"its data is not JSON ({item.unreadable})"
+    if not isinstance(item.data, dict) or not ("BusinessEventId" in item.data or "MessageName" in item.data):
+        return "its data is not an F&O business event (BusinessEventId) or data event (MessageName)"
+    return None
 
 
 def _fo_event(

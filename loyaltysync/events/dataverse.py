@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from loyaltysync.errors import EventError, MappingError
-from loyaltysync.events.model import ChangeEvent, Operation
+from loyaltysync.events.model import ChangeEvent, Operation, derived_event_id
 from loyaltysync.events.remote_context import EntityData, RemoteContext, read_datetime
 from loyaltysync.mapping import Canonical, dataverse_values, lookup_column, natural_key
 from loyaltysync.templates import Template
@@ -67,7 +67,7 @@ def dataverse_change(context: RemoteContext, template: Template, *, size_exceede
     images = [] if reduced else _record_sources(context, operation)
     record: dict[str, Any] = {}
     for image in images:
-        record.update(_with_null_lookups(template, image.attributes))
+        record.update(_with_null_lookups(template, _with_key_attributes(image)))
     values, lookup_ids, all_mapped = _canonical(template, record)
     before = {} if reduced or operation != "update" else _before(template, context)
     row_id = _row_id(context, template, record)
@@ -89,11 +89,11 @@ def dataverse_change(context: RemoteContext, template: Template, *, size_exceede
         complete=not reduced and all_mapped and present,
         lookup_ids=lookup_ids,
         row_id=row_id,
-        source_version=_version(record, images),
+        source_version=_version(context, operation, record),
         modified_on=_modified_on(context, operation, record),
-        event_id=context.operation_id or context.request_id or str(uuid.uuid4()),
+        event_id=context.operation_id or context.request_id or _derived_id(context, key, row_id, record),
         correlation_id=context.correlation_id,
-        initiating_user=context.initiating_user_id,
+        initiating_user=context.initiating_user,
         wire_format="dataverse-webhook",
         before=before,
     )
@@ -119,6 +119,25 @@ def _record_sources(context: RemoteContext, operation: Operation) -> list[Entity
     if context.target_kind == "Entity" and context.target is not None:
         sources.append(context.target)  # what was submitted wins over the image
     return sources
+
+
+def _with_key_attributes(image: EntityData) -> dict[str, Any]:
+    # A Target addressed by alternate key carries the key in KeyAttributes, not always in Attributes.
+    return {**image.key_attributes, **image.attributes}
+
+
+def _derived_id(context: RemoteContext, key: Mapping[str, str], row_id: str | None, record: Mapping[str, Any]) -> str:
+    """An id from the event itself, the same at every delivery of it (for payloads without OperationId)."""
+    return derived_event_id(
+        {
+            "entity": context.primary_entity_name,
+            "message": context.message_name,
+            "key": dict(key),
+            "row": row_id,
+            "time": context.operation_created_on,
+            "values": dict(record),
+        }
+    )
 
 
 def _with_null_lookups(template: Template, attributes: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,12 +201,18 @@ def _row_id(context: RemoteContext, template: Template, record: Mapping[str, Any
     return _canonical_guid(raw) if isinstance(raw, str) else None
 
 
-def _version(record: Mapping[str, Any], images: list[EntityData]) -> str | None:
+def _version(context: RemoteContext, operation: Operation, record: Mapping[str, Any]) -> str | None:
+    """The row's version the event shows: `versionnumber`, else the images' `RowVersion` (the same number).
+
+    A delete's is that of the row it removed (its pre-image): the version of the row's last change.
+    The Target's RowVersion is never used: when set, it is the version the caller *expected* (an
+    optimistic-concurrency check), which is older than the change.
+    """
     raw = record.get("versionnumber")
     if isinstance(raw, int | str) and not isinstance(raw, bool) and str(raw):
         return str(raw)
-    # Entity.RowVersion is the same number, as a string, when the image carries it.
-    for image in reversed(images):
+    images = context.pre_images if operation == "delete" else context.post_images
+    for image in reversed(list(images.values())):
         if image.row_version:
             return image.row_version
     return None

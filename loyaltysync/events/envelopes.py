@@ -34,6 +34,21 @@ class ValidationRequest:
     code: str
 
 
+@dataclass(frozen=True, slots=True)
+class GridEvent:
+    """One event of an Event Grid delivery: where it stood, its id and type, and its decoded `data`.
+
+    `unreadable` says why `data` could not be decoded as JSON (it is then None): such an event is
+    not an F&O one, whoever published it.
+    """
+
+    index: int
+    id: str | None
+    event_type: str
+    data: Any
+    unreadable: str | None = None
+
+
 def decode_json(body: bytes | bytearray | memoryview | str, what: str = "body") -> Any:
     """The JSON value of a UTF-8 body (a BOM is tolerated); `EventError` 400 when it is not JSON.
 
@@ -101,12 +116,13 @@ def is_event_grid(value: Any) -> bool:
     )
 
 
-def read_event_grid(value: Any, headers: Mapping[str, str]) -> ValidationRequest | list[Any]:
-    """The validation request, or the payloads (`data`) of the notification events.
+def read_event_grid(value: Any, headers: Mapping[str, str]) -> ValidationRequest | list[GridEvent]:
+    """The validation request, or every notification event with its decoded `data`.
 
-    Event Grid's own notices other than validation (`Microsoft.EventGrid.*`) carry
-    nothing to sync and are left out. More than MAX_EVENT_GRID_EVENTS events is
-    `EventError` 413.
+    Which events are F&O's is for the caller to decide: a topic may carry other
+    publishers' events, and Event Grid's own notices (`Microsoft.EventGrid.*`).
+    A malformed delivery (not an array of objects with an event type, bad
+    `data_base64`) is `EventError` 400; more than MAX_EVENT_GRID_EVENTS events 413.
     """
     events = value if isinstance(value, list) else [value]
     if len(events) > MAX_EVENT_GRID_EVENTS:
@@ -126,13 +142,22 @@ def read_event_grid(value: Any, headers: Mapping[str, str]) -> ValidationRequest
         if not isinstance(code, str) or not code:
             raise EventError("subscription validation event has no data.validationCode")
         return ValidationRequest(code)
-    payloads: list[Any] = []
+    found: list[GridEvent] = []
     for index, event in enumerate(events):
         kind = _event_type(event, index)
-        if kind.startswith(EVENT_GRID_TYPE_PREFIX):
+        raw_id = event.get("id")
+        event_id = raw_id if isinstance(raw_id, str) else None
+        try:
+            data = _event_data(event, index)
+        except _NotJson as exc:
+            found.append(GridEvent(index, event_id, kind, None, unreadable=str(exc)))
             continue
-        payloads.append(_event_data(event, index))
-    return payloads
+        found.append(GridEvent(index, event_id, kind, data))
+    return found
+
+
+class _NotJson(ValueError):
+    """The event's data is not JSON (another publisher's binary or text payload)."""
 
 
 def _event_type(event: dict[str, Any], index: int) -> str:
@@ -153,14 +178,19 @@ def _event_data(event: dict[str, Any], index: int) -> Any:
             raw = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise EventError(f"{where}_base64 is not base64") from exc
-        return decode_json(raw, where)
+        return _json_or_not(raw, where)
     data = event.get("data")
     if isinstance(data, str):
         # Some publishers put the payload in as a JSON string rather than an object.
-        return decode_json(data, where)
-    if not isinstance(data, dict):
-        raise EventError(f"{where} must be a JSON object (the F&O event)")
+        return _json_or_not(data, where)
     return data
+
+
+def _json_or_not(raw: bytes | str, where: str) -> Any:
+    try:
+        return decode_json(raw, where)
+    except EventError as exc:
+        raise _NotJson(exc.reason) from exc
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loyaltysync.errors import EventError, MappingError
-from loyaltysync.events.model import ChangeEvent, Operation, WireFormat
+from loyaltysync.events.model import ChangeEvent, Operation, WireFormat, derived_event_id
 from loyaltysync.events.remote_context import RemoteContext, read_datetime
 from loyaltysync.mapping import normalize
 from loyaltysync.templates import COMPANY_FIELD, FieldMap, Template
@@ -105,10 +105,10 @@ def data_event_change(
         )
     record: dict[str, Any] = {}
     for image in (*context.pre_images.values(), *context.input_images.values(), *context.post_images.values()):
-        record.update(image.attributes)
+        record.update({**image.key_attributes, **image.attributes})
     changed: list[str] = []
     if context.target is not None:
-        record.update(context.target.attributes)
+        record.update({**context.target.key_attributes, **context.target.attributes})
         if operation == "update":
             keys = set(template.key_names)
             changed = [
@@ -116,15 +116,27 @@ def data_event_change(
                 for f in template.all_fields
                 if f.fo and f.key not in keys and virtual_column(f) in context.target.attributes
             ]
+    key = _data_event_key(template, record, context.message_name)
+    # Without OperationId/RequestId the id comes from the event itself, so a redelivery is the same event.
+    event_id = context.operation_id or context.request_id or derived_event_id(
+        {
+            "entity": context.primary_entity_name,
+            "message": context.message_name,
+            "key": key,
+            "row": context.primary_entity_id,
+            "time": context.operation_created_on,
+            "values": record,
+        }
+    )
     return ChangeEvent(
         template=template.name,
         side="fo",
         operation=operation,
-        key=_data_event_key(template, record, context.message_name),
+        key=key,
         modified_on=context.operation_created_on,
-        event_id=context.operation_id or context.request_id or str(uuid.uuid4()),
+        event_id=event_id,
         correlation_id=context.correlation_id,
-        initiating_user=context.initiating_user_id,
+        initiating_user=context.initiating_user,
         wire_format=wire_format,
         changed=changed,
     )
@@ -289,7 +301,7 @@ def business_event_change(
         source_version=str(envelope.ControlNumber),
         modified_on=_event_time(envelope),
         event_id=_maybe_guid(envelope.EventId),
-        initiating_user=(envelope.InitiatingUserAADObjectId or "").strip().strip("{}").lower() or None,
+        initiating_user=_user(envelope.InitiatingUserAADObjectId),
         wire_format=wire_format,
     )
 
@@ -313,6 +325,18 @@ def _event_time(envelope: BusinessEventEnvelope) -> str | None:
     # /Date(-2208988800000)/ is F&O's empty date (1900-01-01): no time at all.
     known = [moment for moment in (iso, wcf) if moment and not moment.startswith("1900-01-01")]
     return known[0] if known else None
+
+
+def _user(text: str | None) -> str | None:
+    """An Entra object id in lower-case canonical form; None for none: empty, or the nil GUID F&O sends
+    (`{00000000-0000-0000-0000-000000000000}`) when no user started the event."""
+    if not text or not text.strip():
+        return None
+    canonical = _maybe_guid(text)
+    try:
+        return None if uuid.UUID(canonical).int == 0 else canonical
+    except ValueError:
+        return canonical.strip().strip("{}").lower() or None  # not a GUID: compared as written
 
 
 def _maybe_guid(text: str) -> str:

@@ -28,6 +28,21 @@ WireFormat = Literal[
 ]
 
 
+# Names the ids derived from events (uuid5): a fixed namespace keeps them stable across releases.
+_EVENT_ID_NAMESPACE = uuid.UUID("6f0c1b8e-2d47-4c55-9a43-3b7e1f0d5a21")
+
+
+def derived_event_id(facts: dict[str, Any]) -> str:
+    """A GUID that is the same for every delivery of one event: a hash of what the event says.
+
+    For payloads that carry no id of their own (an F&O data event without OperationId or
+    RequestId). `facts` should name the entity, key, operation, event time and values; it is
+    hashed as canonical JSON (sorted keys, no spaces), so key order in the payload does not matter.
+    """
+    text = json.dumps(facts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return str(uuid.uuid5(_EVENT_ID_NAMESPACE, text))
+
+
 def utc_now() -> str:
     """Now, as the ISO-8601 UTC string used throughout events and state."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

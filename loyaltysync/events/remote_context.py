@@ -10,6 +10,9 @@ what a re-read returns, so the attribute values are converted here:
 - an EntityReference in attribute `x` -> `_x_value: "<id lower case>"`;
 - `"/Date(1506384247000)/"` (optionally with `+zzzz`, or with the slashes still
   escaped) -> `"2017-09-26T00:04:07Z"`;
+- DataContract-typed primitives, `{"__type": "Guid:#System", "__value": "…"}`
+  (DateTime, Decimal, Double, Int32, Int64, Boolean, String…), -> the plain value,
+  wherever a value may stand (attributes, images, input parameters, key attributes);
 - strings, numbers, booleans and null as they are.
 
 A shape that is not a RemoteExecutionContext raises `EventError` (400).
@@ -17,6 +20,7 @@ A shape that is not a RemoteExecutionContext raises `EventError` (400).
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +38,12 @@ _WCF_DATE = re.compile(r"^\\?/Date\((-?\d{1,18})([+-]\d{4})?\)\\?/$")
 _WCF_LIKE = re.compile(r"^\\?/Date\(")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NIL_GUID = "00000000-0000-0000-0000-000000000000"
+# The primitives the DataContract JSON serializer writes as {"__type": "<Name>:#System", "__value": ...}
+# when they stand where any object may (an attribute value, a parameter): those whose plain JSON would
+# read back as another type. All of them are unwrapped; what each becomes is decided by `_primitive`.
+_INTEGERS = frozenset({"Byte", "SByte", "Int16", "Int32", "Int64", "UInt16", "UInt32", "UInt64"})
+_REALS = frozenset({"Single", "Double", "Decimal"})
+_TEXTS = frozenset({"String", "Char", "Uri", "TimeSpan"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +55,8 @@ class EntityData:
     attributes: dict[str, Any] = field(default_factory=dict)
     formatted_values: dict[str, str] = field(default_factory=dict)
     row_version: str | None = None
+    # `KeyAttributes`: the alternate-key values the row was addressed by (Web API shape, like `attributes`).
+    key_attributes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +80,7 @@ class RemoteContext:
     input_images: dict[str, EntityData]
     user_id: str | None
     initiating_user_id: str | None
+    initiating_user_object_id: str | None  # `InitiatingUserAzureActiveDirectoryObjectId` (Entra object id)
     correlation_id: str | None
     operation_id: str | None
     request_id: str | None
@@ -75,6 +88,11 @@ class RemoteContext:
     stage: int | None
     mode: int | None
     operation_created_on: str | None
+
+    @property
+    def initiating_user(self) -> str | None:
+        """Who caused the change: `InitiatingUserId`, else the Entra object id; None for no one (nil GUID)."""
+        return self.initiating_user_id or self.initiating_user_object_id
 
 
 def read_remote_context(data: Any) -> RemoteContext:
@@ -92,7 +110,8 @@ def read_remote_context(data: Any) -> RemoteContext:
     target_kind: TargetKind | None = None
     target: EntityData | None = None
     input_images: dict[str, EntityData] = {}
-    for name, value in inputs:
+    for name, raw in inputs:
+        value = unwrap(raw, f"InputParameters.{name}")
         if name == "Target":
             if value is None:
                 continue
@@ -111,6 +130,9 @@ def read_remote_context(data: Any) -> RemoteContext:
         input_images=input_images,
         user_id=_guid(data.get("UserId"), "UserId"),
         initiating_user_id=_guid(data.get("InitiatingUserId"), "InitiatingUserId"),
+        initiating_user_object_id=_guid(
+            data.get("InitiatingUserAzureActiveDirectoryObjectId"), "InitiatingUserAzureActiveDirectoryObjectId"
+        ),
         correlation_id=_guid(data.get("CorrelationId"), "CorrelationId"),
         operation_id=_guid(data.get("OperationId"), "OperationId"),
         request_id=_guid(data.get("RequestId"), "RequestId"),
@@ -122,13 +144,17 @@ def read_remote_context(data: Any) -> RemoteContext:
 
 
 def read_entity(value: Any, where: str) -> EntityData:
-    """Read an Entity object (`Attributes`, `FormattedValues`, `Id`, `LogicalName`, `RowVersion`)."""
+    """Read an Entity object (`Attributes`, `FormattedValues`, `Id`, `KeyAttributes`, `LogicalName`, `RowVersion`)."""
     if not isinstance(value, dict):
         raise EventError(f"{where} must be an Entity object")
     attributes: dict[str, Any] = {}
     for name, raw in _pairs(value.get("Attributes"), f"{where}.Attributes"):
         column, converted = web_api_attribute(name, raw, f"{where}.Attributes.{name}")
         attributes[column] = converted
+    key_attributes: dict[str, Any] = {}
+    for name, raw in _pairs(value.get("KeyAttributes"), f"{where}.KeyAttributes"):
+        column, converted = web_api_attribute(name, raw, f"{where}.KeyAttributes.{name}")
+        key_attributes[column] = converted
     formatted = {
         name: text
         for name, text in _pairs(value.get("FormattedValues"), f"{where}.FormattedValues")
@@ -140,11 +166,13 @@ def read_entity(value: Any, where: str) -> EntityData:
         attributes=attributes,
         formatted_values=formatted,
         row_version=_text(value.get("RowVersion"), f"{where}.RowVersion"),
+        key_attributes=key_attributes,
     )
 
 
 def web_api_attribute(name: str, raw: Any, where: str) -> tuple[str, Any]:
     """One attribute as the Web API returns it: `(column, value)`; lookups become `_<name>_value`."""
+    raw = unwrap(raw, where)
     if isinstance(raw, str):
         return name, _maybe_date(raw, where)
     if raw is None or isinstance(raw, bool | int | float):
@@ -161,6 +189,76 @@ def web_api_attribute(name: str, raw: Any, where: str) -> tuple[str, Any]:
         # A multi-select choice; the Web API writes it as "1,2,3".
         return name, ",".join(str(_number(item.get("Value"), where)) for item in raw)
     return name, raw
+
+
+def unwrap(value: Any, where: str) -> Any:
+    """The plain value of a DataContract-typed primitive (`{"__type": "Int32:#System", "__value": 5}` -> 5).
+
+    Dates stay in the `/Date(ms)/` form they came in (the attribute reader converts them), GUIDs become
+    lower case. Anything else is returned as it came. A typed primitive whose value does not fit its
+    type is `EventError` (400): the payload contradicts itself.
+    """
+    if not isinstance(value, dict) or "__value" not in value:
+        return value
+    kind = value.get("__type")
+    if not isinstance(kind, str) or not kind.endswith(":#System"):
+        return value
+    return _primitive(kind.split(":", 1)[0], value["__value"], where)
+
+
+def _primitive(kind: str, inner: Any, where: str) -> Any:
+    if inner is None:
+        return None
+    if kind == "Guid":
+        if not isinstance(inner, str):
+            raise EventError(f"{where}: Guid value must be a string")
+        try:
+            return str(uuid.UUID(inner.strip()))
+        except ValueError as exc:
+            raise EventError(f"{where}: Guid value is not a GUID: {inner[:40]!r}") from exc
+    if kind in ("DateTime", "DateTimeOffset"):
+        # DateTimeOffset is {"DateTime": "/Date(ms)/", "OffsetMinutes": n}; the milliseconds are UTC.
+        moment = inner.get("DateTime") if kind == "DateTimeOffset" and isinstance(inner, dict) else inner
+        if not isinstance(moment, str):
+            raise EventError(f"{where}: {kind} value must be a date string")
+        return moment
+    if kind == "Boolean":
+        if isinstance(inner, bool):
+            return inner
+        if isinstance(inner, str) and inner.lower() in ("true", "false"):
+            return inner.lower() == "true"
+        raise EventError(f"{where}: Boolean value must be true or false")
+    if kind in _INTEGERS:
+        number = _numeric(inner, where, kind)
+        if not (isinstance(number, int) or number.is_integer()):
+            raise EventError(f"{where}: {kind} value must be a whole number")
+        return int(number)
+    if kind in _REALS:
+        return _numeric(inner, where, kind)
+    if kind in _TEXTS:
+        if not isinstance(inner, str):
+            raise EventError(f"{where}: {kind} value must be a string")
+        return inner
+    return inner  # another System type: its value is all a template could map
+
+
+def _numeric(inner: Any, where: str, kind: str) -> int | float:
+    # Decimal and 64-bit values may come as strings so that JavaScript readers keep every digit.
+    number: int | float
+    if isinstance(inner, bool):
+        raise EventError(f"{where}: {kind} value must be a number")
+    if isinstance(inner, int | float):
+        number = inner
+    elif isinstance(inner, str):
+        try:
+            number = int(inner) if re.fullmatch(r"[+-]?\d+", inner.strip()) else float(inner)
+        except ValueError as exc:
+            raise EventError(f"{where}: {kind} value is not a number: {inner[:40]!r}") from exc
+    else:
+        raise EventError(f"{where}: {kind} value must be a number")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise EventError(f"{where}: {kind} value must be a finite number")
+    return number
 
 
 def _read_target(value: Any) -> tuple[TargetKind, EntityData]:
@@ -228,6 +326,7 @@ def iso_seconds(moment: datetime) -> str:
 
 def read_datetime(value: Any, where: str) -> str | None:
     """A WCF `/Date(ms)/` or ISO-8601 string as `YYYY-MM-DDTHH:MM:SSZ`; null or "" is None; else `EventError`."""
+    value = unwrap(value, where)
     if value is None or value == "":
         return None
     if not isinstance(value, str):
@@ -245,7 +344,8 @@ def read_datetime(value: Any, where: str) -> str | None:
 
 
 def _guid(value: Any, where: str) -> str | None:
-    """A GUID in lower-case canonical form; None for null, "" and the empty GUID."""
+    """A GUID in lower-case canonical form (braces or not, any case); None for null, "" and the nil GUID."""
+    value = unwrap(value, where)
     if value is None or value == "":
         return None
     if not isinstance(value, str):
@@ -258,6 +358,7 @@ def _guid(value: Any, where: str) -> str | None:
 
 
 def _int(value: Any, where: str) -> int | None:
+    value = unwrap(value, where)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -272,6 +373,7 @@ def _number(value: Any, where: str) -> int | float | None:
 
 
 def _text(value: Any, where: str) -> str | None:
+    value = unwrap(value, where)
     if value is None or isinstance(value, str):
         return value
     raise EventError(f"{where} must be a string")

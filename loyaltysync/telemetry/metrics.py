@@ -29,6 +29,7 @@ class Instruments:
     """Counters and histograms; create once per meter."""
 
     received: Counter
+    foreign: Counter
     refused: Counter
     applied: Counter
     skipped: Counter
@@ -47,6 +48,11 @@ class Instruments:
         return cls(
             received=meter.create_counter(
                 f"{PREFIX}.events.received", unit="{event}", description="Change events accepted and queued"
+            ),
+            foreign=meter.create_counter(
+                f"{PREFIX}.events.foreign",
+                unit="{event}",
+                description="Event Grid events skipped as not F&O's (other publishers', Event Grid's own)",
             ),
             refused=meter.create_counter(
                 f"{PREFIX}.events.refused", unit="{request}", description="Inbound requests answered 4xx"

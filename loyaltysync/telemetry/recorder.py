@@ -158,11 +158,18 @@ class Recorder:
         """The inbound answer: on the current span, and counted as refused when 4xx/5xx."""
         span = trace.get_current_span()
         span.set_attribute("http.response.status_code", status)
+        # Under the host the span is INTERNAL, a dependency whose resultCode stays "0" and whose `http.*`
+        # attributes the exporter drops: `status` is the answer the queries read (customDimensions.status).
+        span.set_attribute("status", status)
         if status >= 400:
             span.set_attribute("refusal", (reason or "")[:_MAX_STATUS_TEXT])
             self.instruments.refused.add(
                 1, {"side": side, "template": template or "(by payload)", "status": str(status)}
             )
+
+    def foreign_event(self, side: Side, event_type: str) -> None:
+        """Count an event of a delivery that was not F&O's and was skipped (by its publisher's event type)."""
+        self.instruments.foreign.add(1, {"side": side, "event_type": event_type[:120]})
 
     def stamp(self, event: ChangeEvent) -> ChangeEvent:
         """Open and close the PRODUCER span of queuing `event`; put its trace context into the event.

@@ -437,6 +437,31 @@ async def test_delete_context_targets_an_entity_reference_with_a_pre_image(
     assert context["PostEntityImages"] == []
 
 
+async def test_images_carry_the_rows_version_and_a_deletes_is_that_of_the_last_change(
+    dv: tuple[Starlette, httpx.AsyncClient],
+    receiver: Receiver,
+) -> None:
+    """As Dataverse sends them: `RowVersion` on every image is the row's versionnumber, as a string, as it
+    stood in that image; the Target's stays null (set only by a caller asking for a concurrency check)."""
+    app, client = dv
+    await register(client, "Update", "msdyn_loyaltycard", images=[("Image", 2, "msdyn_partynumber")])
+    await register(client, "Delete", "msdyn_loyaltycard", images=[("PreImage", 0, "msdyn_cardnumber")])
+    await client.post("msdyn_loyaltycards", json={"msdyn_cardnumber": "RV-1", "msdyn_partynumber": "P-1"})
+    before = app.state.dataverse.tables["msdyn_loyaltycard"].find("msdyn_cardnumber", ("RV-1",))["versionnumber"]
+    await client.patch("msdyn_loyaltycards(msdyn_cardnumber='RV-1')", json={"msdyn_partynumber": "P-2"})
+    after = app.state.dataverse.tables["msdyn_loyaltycard"].find("msdyn_cardnumber", ("RV-1",))["versionnumber"]
+    await client.delete("msdyn_loyaltycards(msdyn_cardnumber='RV-1')")
+    await drain(app)
+    update, delete = receiver.contexts()
+    assert (update["MessageName"], delete["MessageName"]) == ("Update", "Delete")
+    assert after > before
+    assert update["PreEntityImages"][0]["value"]["RowVersion"] == str(before)
+    assert update["PostEntityImages"][0]["value"]["RowVersion"] == str(after)
+    assert update["InputParameters"][0]["value"]["RowVersion"] is None
+    # The delete's pre-image: the version of the row's last change, the number the update's post-image held.
+    assert delete["PreEntityImages"][0]["value"]["RowVersion"] == str(after)
+
+
 # -- registration rules ---------------------------------------------------------------------
 
 

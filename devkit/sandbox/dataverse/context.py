@@ -7,7 +7,11 @@ Collections are `{"key":..., "value":...}` lists; entities carry `Attributes`,
 `/Date(ms)/`. As in the sample, the Target entity carries `__type` and image
 entities do not; images leave out columns that are null (an SDK entity holds
 only the attributes that have values), and the Target of an Update holds the
-submitted columns plus the id and the modified stamp.
+submitted columns plus the id and the modified stamp. Images carry `RowVersion`:
+the row's `versionnumber` as a string, as it stood in that image (so a Delete's
+pre-image holds the version of the row's last change, the number the last
+Update's post-image held). The Target's `RowVersion` stays null, as in the
+sample: the caller sets it only to ask for an optimistic-concurrency check.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def entity(
     *,
     with_type: bool,
     key_attributes: dict[str, Any] | None = None,
+    row_version: str | None = None,
 ) -> dict[str, Any]:
     """An Entity with the given (column, stored value) attributes."""
     pairs = list(attributes)
@@ -83,7 +88,7 @@ def entity(
     out["KeyAttributes"] = [{"key": k, "value": v} for k, v in (key_attributes or {}).items()]
     out["LogicalName"] = definition.logical_name
     out["RelatedEntities"] = []
-    out["RowVersion"] = None
+    out["RowVersion"] = row_version
     return out
 
 
@@ -116,7 +121,15 @@ def image(
     if definition.primary_id not in names:
         names.append(definition.primary_id)
     pairs = [(name, row.get(name)) for name in names if row.get(name) is not None]
-    return entity(org, definition, row[definition.primary_id], pairs, with_type=False)
+    version = row.get("versionnumber")
+    return entity(
+        org,
+        definition,
+        row[definition.primary_id],
+        pairs,
+        with_type=False,
+        row_version=None if version is None else str(version),
+    )
 
 
 def build(
