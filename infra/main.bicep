@@ -1,5 +1,7 @@
 // loyaltysync on Azure: Function App (Flex Consumption, system-assigned managed identity), storage reached with
-// that identity (no keys), Application Insights on a Log Analytics workspace, the operations workbook and alert rules.
+// that identity (no keys), Application Insights on a Log Analytics workspace taking telemetry from that identity
+// (Microsoft Entra ID; local auth off by default), the operations workbook and alert rules. Optional: a Service Bus
+// queue and an Event Grid topic for F&O business events.
 //
 //   az deployment group create -g <resource group> -f infra/main.bicep -p infra/main.parameters.json \
 //     -p telemetryHashSalt=<secret, generated once and kept>
@@ -62,6 +64,15 @@ param telemetryHashSalt string
 @description('true: the Functions worker configures OpenTelemetry (also add "telemetryMode": "OpenTelemetry" to host.json); false: the app does (docs/monitoring.md).')
 param workerOpenTelemetry bool = false
 
+@description('Application Insights takes telemetry only from Microsoft Entra identities (DisableLocalAuth): the app and the host send with the managed identity (Monitoring Metrics Publisher role, APPLICATIONINSIGHTS_AUTHENTICATION_STRING). false: the connection string alone may also send.')
+param entraOnlyIngestion bool = true
+
+@description('Name of a Service Bus queue for F&O business events (SERVICEBUS_QUEUE): deploys a namespace, the queue, a send-only rule for F&O and the app\'s receive role. Empty: no Service Bus.')
+param serviceBusQueueName string = ''
+
+@description('Deploy an Event Grid topic for F&O business events, subscribed to the fo_eventgrid function (EVENTGRID_ENABLED). The subscription needs that function to exist: deploy and publish the code first with false, then deploy again with true.')
+param eventGridTopic bool = false
+
 @description('Where alert notifications go; empty: the alert rules fire without notifying anyone.')
 param alertEmail string = ''
 
@@ -71,6 +82,8 @@ param alertEmail string = ''
 param logRetentionDays int = 30
 
 var deploymentContainerName = 'app-package'
+var serviceBusNamespaceName = '${appName}-bus'
+var useServiceBus = !empty(serviceBusQueueName)
 var actionGroupName = '${appName}-operators'
 // Built-in roles the host and the app need on the storage account (azure-functions.md §5).
 var storageRoles = {
@@ -79,6 +92,9 @@ var storageRoles = {
   queueDataMessageProcessor: '8a0f0c08-91a1-4084-bc3d-661d67233fed' // queue triggers
   tableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3' // sync state, dead letters, control; host diagnostics
 }
+// Built-in roles on the other resources.
+var monitoringMetricsPublisherRole = '3913510d-42f4-4e42-8a64-420c390055eb' // Application Insights ingestion (all telemetry)
+var serviceBusDataReceiverRole = '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0' // the fo_servicebus queue trigger
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
   name: '${appName}-logs'
@@ -99,6 +115,7 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
     Application_Type: 'web'
     WorkspaceResourceId: workspace.id
     IngestionMode: 'LogAnalytics'
+    DisableLocalAuth: entraOnlyIngestion
   }
 }
 
@@ -190,6 +207,61 @@ resource storageRoleAssignments 'Microsoft.Authorization/roleAssignments@2022-04
   }
 ]
 
+// The identity may send telemetry: required with DisableLocalAuth, used either way (docs/monitoring.md).
+resource appInsightsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(appInsights.id, functionApp.id, monitoringMetricsPublisherRole)
+  scope: appInsights
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', monitoringMetricsPublisherRole)
+    principalId: functionApp.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// Optional: F&O business events on a Service Bus queue. F&O's business event endpoint sends with a connection
+// string it reads from Key Vault, so the namespace keeps SAS for that one send-only rule; the app receives with
+// its identity.
+resource serviceBus 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' = if (useServiceBus) {
+  name: serviceBusNamespaceName
+  location: location
+  sku: {
+    name: 'Standard'
+    tier: 'Standard'
+  }
+  properties: {
+    minimumTlsVersion: '1.2'
+  }
+}
+
+resource serviceBusQueue 'Microsoft.ServiceBus/namespaces/queues@2022-10-01-preview' = if (useServiceBus) {
+  parent: serviceBus
+  name: useServiceBus ? serviceBusQueueName : 'unused'
+  properties: {
+    maxDeliveryCount: 10
+    deadLetteringOnMessageExpiration: true
+  }
+}
+
+resource serviceBusSendRule 'Microsoft.ServiceBus/namespaces/queues/authorizationRules@2022-10-01-preview' = if (useServiceBus) {
+  parent: serviceBusQueue
+  name: 'fo-business-events'
+  properties: {
+    rights: [
+      'Send'
+    ]
+  }
+}
+
+resource serviceBusReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (useServiceBus) {
+  name: guid(resourceGroup().id, serviceBusNamespaceName, serviceBusQueueName, functionApp.id, serviceBusDataReceiverRole)
+  scope: serviceBusQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', serviceBusDataReceiverRole)
+    principalId: functionApp.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
 // Every setting here is one the app (loyaltysync/settings.py) or the Functions host reads; tests/test_infra.py checks it.
 var appSettings = {
   FNO_URL: fnoUrl
@@ -199,7 +271,12 @@ var appSettings = {
   AzureWebJobsStorage__accountName: storage.name
   AzureWebJobsStorage__credential: 'managedidentity'
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
+  // Telemetry sent with the system-assigned identity's token, by the host and by the app (docs/monitoring.md).
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD'
   PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME: 'loyaltysync'
+  // Every trace kept (the distro's default keeps 5 a second): queries count exactly. Lower the ratio to sample.
+  OTEL_TRACES_SAMPLER: 'microsoft.fixed_percentage'
+  OTEL_TRACES_SAMPLER_ARG: '1.0'
   REDACT_PERSONAL_DATA: string(redactPersonalData)
   TELEMETRY_HASH_SALT: telemetryHashSalt
 }
@@ -207,17 +284,65 @@ var appSettings = {
 // The worker's own OpenTelemetry set-up: without these, the app configures the distro itself.
 var workerTelemetrySettings = {
   PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
-  // The distro's storage and urllib instrumentations would show RowKeys (natural keys) in dependency URLs.
-  OTEL_PYTHON_DISABLED_INSTRUMENTATIONS: 'azure_sdk,requests,urllib,urllib3'
+  // All of the distro's instrumentations: ours are the only spans (httpx's would repeat the F&O and Dataverse
+  // calls with the key in the URL, azure-core's show storage RowKeys). The app switches the URL ones off anyway.
+  OTEL_PYTHON_DISABLED_INSTRUMENTATIONS: 'azure_sdk,django,fastapi,flask,httpx,httpx2,psycopg2,requests,urllib,urllib3'
 }
+
+// With serviceBusQueueName: the fo_servicebus trigger's identity-based connection (prefix SERVICEBUS).
+var serviceBusSettings = {
+  SERVICEBUS__fullyQualifiedNamespace: '${serviceBusNamespaceName}.servicebus.windows.net'
+  SERVICEBUS_QUEUE: serviceBusQueueName
+}
+
+// With eventGridTopic: registers the fo_eventgrid function.
+var eventGridSettings = {
+  EVENTGRID_ENABLED: 'true'
+}
+
+var optionalSettings = union(workerOpenTelemetry ? workerTelemetrySettings : {}, useServiceBus ? serviceBusSettings : {}, eventGridTopic ? eventGridSettings : {})
 
 resource functionAppSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: functionApp
   name: 'appsettings'
-  properties: union(appSettings, workerOpenTelemetry ? workerTelemetrySettings : {})
-  // The host connects to storage with its identity as soon as it has settings: give it the roles first.
+  properties: union(appSettings, optionalSettings)
+  // The host connects to storage and sends telemetry with its identity as soon as it has settings: roles first.
   dependsOn: [
     storageRoleAssignments
+    appInsightsPublisher
+    serviceBusReceiver
+  ]
+}
+
+// Optional: F&O business events through Event Grid. F&O publishes with the topic's access key (from Key Vault);
+// the subscription delivers to the fo_eventgrid function, which must already be published.
+resource eventGrid 'Microsoft.EventGrid/topics@2022-06-15' = if (eventGridTopic) {
+  name: '${appName}-events'
+  location: location
+  properties: {
+    inputSchema: 'EventGridSchema'
+  }
+}
+
+resource eventGridSubscription 'Microsoft.EventGrid/topics/eventSubscriptions@2022-06-15' = if (eventGridTopic) {
+  parent: eventGrid
+  name: 'loyaltysync'
+  properties: {
+    destination: {
+      endpointType: 'AzureFunction'
+      properties: {
+        resourceId: '${functionApp.id}/functions/fo_eventgrid'
+        maxEventsPerBatch: 1
+      }
+    }
+    eventDeliverySchema: 'EventGridSchema'
+    retryPolicy: {
+      maxDeliveryAttempts: 30
+      eventTimeToLiveInMinutes: 1440
+    }
+  }
+  dependsOn: [
+    functionAppSettings
   ]
 }
 
@@ -428,4 +553,8 @@ output functionAppUrl string = 'https://${functionApp.properties.defaultHostName
 @description('Object id of the app\'s managed identity: map it in F&O (Microsoft Entra applications) and create the Dataverse application user for it.')
 output principalId string = functionApp.identity.principalId
 output applicationInsightsName string = appInsights.name
+@description('Service Bus namespace for F&O\'s business event endpoint (its send-only rule: fo-business-events), or empty.')
+output serviceBusNamespace string = useServiceBus ? serviceBusNamespaceName : ''
+@description('Event Grid topic endpoint for F&O\'s business event endpoint, or empty.')
+output eventGridTopicEndpoint string = eventGridTopic ? eventGrid.properties.endpoint : ''
 output workspaceName string = workspace.name

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         default=5.0, ge=0, le=3600, validation_alias="LAST_SUCCESS_WRITE_SECONDS"
     )
     conflict_grace_seconds: int = Field(default=30, ge=1, le=3600, validation_alias="CONFLICT_GRACE_SECONDS")
+    # Transient failures (docs/retries.md): back-off from RETRY_BASE_SECONDS doubling to RETRY_MAX_SECONDS,
+    # parked only once RETRY_BUDGET_SECONDS have passed since the first failure. 604800 s is the queue's limit.
+    retry_base_seconds: int = Field(default=5, ge=1, le=604_800, validation_alias="RETRY_BASE_SECONDS")
+    retry_max_seconds: int = Field(default=300, ge=1, le=604_800, validation_alias="RETRY_MAX_SECONDS")
+    retry_budget_seconds: int = Field(default=3600, ge=0, le=604_800, validation_alias="RETRY_BUDGET_SECONDS")
     servicebus_queue: str | None = Field(default=None, validation_alias="SERVICEBUS_QUEUE")
     eventgrid_enabled: bool = Field(default=False, validation_alias="EVENTGRID_ENABLED")
     redact_personal_data: bool = Field(default=True, validation_alias="REDACT_PERSONAL_DATA")
@@ -115,6 +120,10 @@ class Settings(BaseSettings):
     appinsights_connection_string: str | None = Field(
         default=None, validation_alias="APPLICATIONINSIGHTS_CONNECTION_STRING", repr=False
     )
+    # `Authorization=AAD[;ClientId=<user-assigned identity>]`: ingestion with Microsoft Entra ID (docs/monitoring.md).
+    appinsights_authentication_string: str | None = Field(
+        default=None, validation_alias="APPLICATIONINSIGHTS_AUTHENTICATION_STRING"
+    )
     worker_telemetry: bool = Field(default=False, validation_alias="PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY")
     telemetry_logger_name: str = Field(default="loyaltysync", validation_alias="PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME")
     telemetry_console: bool = Field(default=False, validation_alias="TELEMETRY_CONSOLE")
@@ -131,6 +140,24 @@ class Settings(BaseSettings):
     @classmethod
     def _dataverse(cls, value: str) -> str:
         return _root_url(value, "/api/data/v9.2/")
+
+    @field_validator("appinsights_authentication_string")
+    @classmethod
+    def _authentication_string(cls, value: str | None) -> str | None:
+        # As strict as the Azure Monitor exporter reads it (`;`-separated `key=value`, keys in any case, the value
+        # `AAD` exactly, no spaces): what it cannot parse it ignores, and ingestion then silently falls back to keys.
+        if value is None or not value:
+            return None
+        parts: dict[str, str] = {}
+        for part in value.split(";"):
+            name, equals, given = part.partition("=")
+            if not equals or name.lower() not in ("authorization", "clientid") or not given or part != part.strip() \
+                    or "=" in given or " " in part:
+                raise ValueError(f"must be 'Authorization=AAD' or 'Authorization=AAD;ClientId=<id>', got {value!r}")
+            parts[name.lower()] = given
+        if parts.get("authorization") != "AAD":
+            raise ValueError(f"must contain Authorization=AAD (in capitals, the only kind there is), got {value!r}")
+        return value
 
     @field_validator("reconcile_schedule", "monitor_schedule")
     @classmethod

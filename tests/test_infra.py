@@ -23,8 +23,13 @@ BICEP = (INFRA / "main.bicep").read_text("utf-8")
 PARAMETERS = json.loads((INFRA / "main.parameters.json").read_text("utf-8"))
 WORKBOOK = json.loads((INFRA / "workbook.json").read_text("utf-8"))
 MONITORING = (ROOT / "docs" / "monitoring.md").read_text("utf-8")
-# Read by the Functions worker's Azure Monitor distro, not by our code (azure-functions.md §7).
-PLATFORM_SETTINGS = {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"}
+# Read by the Azure Monitor distro (in the worker or called by the app) or by the Functions host, not by our settings.
+PLATFORM_SETTINGS = {
+    "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "SERVICEBUS__fullyQualifiedNamespace",  # the fo_servicebus trigger's identity-based connection
+}
 # Deprecated or moved on Flex Consumption: must not be set (azure-functions.md §6).
 NOT_ON_FLEX = {"FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION", "WEBSITE_RUN_FROM_PACKAGE",
                "SCM_DO_BUILD_DURING_DEPLOYMENT"}
@@ -126,6 +131,9 @@ def _object_keys(var: str) -> dict[str, str]:
 
 APP_SETTINGS = _object_keys("appSettings")
 WORKER_SETTINGS = _object_keys("workerTelemetrySettings")
+SERVICE_BUS_SETTINGS = _object_keys("serviceBusSettings")
+EVENT_GRID_SETTINGS = _object_keys("eventGridSettings")
+OPTIONAL_SETTINGS = {**WORKER_SETTINGS, **SERVICE_BUS_SETTINGS, **EVENT_GRID_SETTINGS}
 
 
 def _reads() -> set[str]:
@@ -190,7 +198,9 @@ def test_flex_consumption_with_a_system_assigned_identity_and_identity_based_sto
     assert re.search(r"identity: \{\s*type: 'SystemAssigned'", BICEP)
     assert "type: 'SystemAssignedIdentity'" in BICEP  # the deployment package, too
     assert "allowSharedKeyAccess: false" in BICEP
-    roles = re.findall(r"'([0-9a-f-]{36})' // ", BICEP)
+    storage_roles = re.search(r"^var storageRoles = \{\n(.*?)^\}", BICEP, re.S | re.M)
+    assert storage_roles
+    roles = re.findall(r"'([0-9a-f-]{36})' // ", storage_roles.group(1))
     assert set(roles) == {
         "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",  # Storage Blob Data Owner
         "974c5e8b-45b9-4653-ba55-5f855dd0fb88",  # Storage Queue Data Contributor
@@ -220,9 +230,11 @@ def test_every_setting_the_app_requires_is_set() -> None:
 
 
 def test_every_setting_the_template_sets_is_one_the_app_or_the_host_reads() -> None:
-    unknown = (set(APP_SETTINGS) | set(WORKER_SETTINGS)) - _reads() - PLATFORM_SETTINGS
+    unknown = (set(APP_SETTINGS) | set(OPTIONAL_SETTINGS)) - _reads() - PLATFORM_SETTINGS
     assert not unknown, f"main.bicep sets settings nothing reads: {unknown}"
-    assert not (set(APP_SETTINGS) | set(WORKER_SETTINGS)) & NOT_ON_FLEX
+    assert not (set(APP_SETTINGS) | set(OPTIONAL_SETTINGS)) & NOT_ON_FLEX
+    for name in ("workerTelemetrySettings", "serviceBusSettings", "eventGridSettings"):
+        assert re.search(rf"\? {name} : \{{\}}", CODE), f"{name} is never applied"
 
 
 def _environment(settings: dict[str, str]) -> dict[str, str]:
@@ -235,6 +247,7 @@ def _environment(settings: dict[str, str]) -> dict[str, str]:
         "appInsights.properties.ConnectionString": "InstrumentationKey=00000000-0000-0000-0000-000000000000",
         "string(redactPersonalData)": "True",
         "telemetryHashSalt": "a-secret-salt",
+        "serviceBusQueueName": "fo-business-events",
     }
     environment: dict[str, str] = {}
     for name, raw in settings.items():
@@ -257,6 +270,8 @@ def test_the_app_starts_with_exactly_the_settings_the_template_gives_it() -> Non
     assert telemetry.choose_mode(settings) == "azure-monitor"
     worker_owned = load_settings(_environment({**APP_SETTINGS, **WORKER_SETTINGS}))
     assert telemetry.choose_mode(worker_owned) == "functions-worker"
+    everything = load_settings(_environment({**APP_SETTINGS, **OPTIONAL_SETTINGS}))
+    assert everything.servicebus_queue == "fo-business-events" and everything.eventgrid_enabled
 
 
 # ---------------------------------------------------------------- identity-based storage
@@ -354,7 +369,7 @@ LOGGERS = {"loyaltysync.preflight"}
 
 def test_queries_refer_only_to_metrics_the_app_records() -> None:
     recorded = _metric_names()
-    assert len(recorded) == 17
+    assert len(recorded) >= 17, "the instruments of telemetry/metrics.py, by name"
     for where, text in (("main.bicep", BICEP), ("workbook.json", json.dumps(WORKBOOK)), ("monitoring.md", MONITORING)):
         unknown = set(_METRIC.findall(text)) - recorded - LOGGERS
         assert not unknown, f"{where} refers to metrics the app does not record: {unknown}"
@@ -395,3 +410,108 @@ def test_monitoring_queries_come_in_both_dialects_and_keep_to_their_own_tables()
         assert not any(re.search(rf"\b{name}\b", block) for name in CLASSIC[5:]), block
     for heading in ("Failures by reason", "Latency percentiles", "Echo rate", "Backlog age", "Conflicts"):
         assert f"### {heading}" in MONITORING
+
+
+# Span tables: rows stand for `itemCount` rows when sampled. Metric tables are never sampled.
+_SPAN_TABLES = {"requests", "dependencies", "traces", "exceptions", "AppRequests", "AppDependencies", "AppTraces",
+                "AppExceptions"}
+
+
+def _tables(query: str) -> set[str]:
+    """The tables a query reads: first words of its lines, union members, sub-query sources."""
+    return set(re.findall(r"(?m)(?:^|\bunion\s+(?:\w+,\s*)*|\(\()(\w+)", query)) | set(
+        re.findall(r"\bunion\s+\w+,\s*(\w+)", query)
+    )
+
+
+def _all_queries() -> list[tuple[str, str]]:
+    """(where, query) of every KQL query: docs/monitoring.md blocks, workbook tiles, alert rules."""
+    found = [(f"monitoring.md #{i}", q) for i, q in enumerate(re.findall(r"```kusto\n(.*?)```", MONITORING, re.S))]
+    found += [(f"workbook {item['name']}", item["content"]["query"]) for item in WORKBOOK["items"] if item["type"] == 3]
+    found += [(f"alert #{i}", q) for i, q in enumerate(re.findall(r"query: '''\n(.*?)'''", BICEP, re.S))]
+    return found
+
+
+def test_span_rows_are_counted_with_item_count_and_inbound_read_where_the_exporter_puts_it() -> None:
+    queries = _all_queries()
+    assert len(queries) >= 30
+    for where, query in queries:
+        if not _tables(query) & _SPAN_TABLES:
+            continue
+        assert "count()" not in query, f"{where}: count() undercounts sampled rows; sum(itemCount)"
+        assert not re.search(r"\bpercentile\(", query), f"{where}: percentiles of sampled rows need percentilew"
+        # The inbound span under the host is INTERNAL: a dependency, never a request (_convert_span_to_envelope).
+        assert not re.search(r"\b(requests|AppRequests)\b[^|]*\n?\|[^|]*(POST /api/|inbound )", query), where
+    refused = [q for w, q in queries if "refusal" in q]
+    assert len(refused) == 3, "docs (both dialects) and the workbook"
+    for query in refused:
+        assert re.match(r"(// \w+\n)?(dependencies|AppDependencies)\n", query), query
+        assert '"InProc"' in query and "status" in query and re.search(r"sum\((itemCount|ItemCount)\)", query)
+    alerts = [q for w, q in queries if w.startswith("alert")]
+    assert len(alerts) == 3 and all(q.lstrip().startswith(("AppMetrics", "let paused = AppMetrics")) for q in alerts)
+
+
+def test_host_json_keeps_warning_lines_out_of_adaptive_sampling() -> None:
+    host = json.loads((ROOT / "host.json").read_text("utf-8"))
+    sampling = host["logging"]["applicationInsights"]["samplingSettings"]
+    excluded = set(sampling["excludedTypes"].split(";"))
+    assert sampling["isEnabled"] is False or {"Trace", "Request", "Exception"} <= excluded
+
+
+# ---------------------------------------------------------------- telemetry: Entra ID only, sampling, instrumentations
+
+
+def _resource(symbol: str) -> str:
+    """The body of `resource <symbol> '...' = ... { ... }` in main.bicep (up to the next top-level line)."""
+    found = re.search(rf"^resource {symbol} '[^']+' = (?:if \([^)]*\) )?\{{\n(.*?)^\}}", BICEP, re.S | re.M)
+    assert found, f"resource {symbol} not found"
+    return found.group(1)
+
+
+def test_telemetry_is_ingested_with_the_identity_only() -> None:
+    assert PARAMS["entraOnlyIngestion"] == {"type": "bool", "default": True, "secure": False, "allowed": None}
+    assert re.search(r"^param entraOnlyIngestion bool = true$", BICEP, re.M)
+    assert "DisableLocalAuth: entraOnlyIngestion" in _resource("appInsights")
+    publisher = _resource("appInsightsPublisher")
+    assert "scope: appInsights" in publisher and "principalId: functionApp.identity.principalId" in publisher
+    assert "roleDefinitions', monitoringMetricsPublisherRole)" in publisher
+    assert "var monitoringMetricsPublisherRole = '3913510d-42f4-4e42-8a64-420c390055eb'" in BICEP
+    # As the host and the exporter read it: the system-assigned identity (no ClientId), and the app agrees.
+    assert APP_SETTINGS["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "'Authorization=AAD'"
+    settings = load_settings(_environment(APP_SETTINGS))
+    from azure.identity import ManagedIdentityCredential
+
+    assert isinstance(telemetry.setup.ingestion_credential(settings), ManagedIdentityCredential)
+    # The host sends with the identity from its first start: the role is there before the settings.
+    settings_resource = _resource("functionAppSettings")
+    assert "appInsightsPublisher" in settings_resource.split("dependsOn", 1)[1]
+
+
+def test_every_trace_is_kept_and_the_distro_instruments_nothing() -> None:
+    from loyaltysync.telemetry import setup
+
+    # Read by the distro whoever configures it (the worker or the app); without them: 5 traces a second.
+    assert APP_SETTINGS["OTEL_TRACES_SAMPLER"] == "'microsoft.fixed_percentage'"
+    assert APP_SETTINGS["OTEL_TRACES_SAMPLER_ARG"] == "'1.0'"
+    disabled = WORKER_SETTINGS["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"].strip("'").split(",")
+    assert set(disabled) == set(setup.DISTRO_INSTRUMENTATIONS)
+
+
+def test_optional_service_bus_and_event_grid_are_wired_to_the_functions() -> None:
+    assert PARAMS["serviceBusQueueName"]["default"] and PARAMS["eventGridTopic"]["default"]
+    receiver = _resource("serviceBusReceiver")
+    assert "scope: serviceBusQueue" in receiver and "roleDefinitions', serviceBusDataReceiverRole)" in receiver
+    assert "var serviceBusDataReceiverRole = '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'" in BICEP
+    assert "'Send'" in _resource("serviceBusSendRule") and "'Listen'" not in _resource("serviceBusSendRule")
+    # function_app.py: the trigger's connection is "SERVICEBUS" (identity-based: SERVICEBUS__fullyQualifiedNamespace).
+    function_app = (ROOT / "function_app.py").read_text("utf-8")
+    assert 'connection="SERVICEBUS"' in function_app and '@app.function_name(name="fo_eventgrid")' in function_app
+    assert SERVICE_BUS_SETTINGS["SERVICEBUS__fullyQualifiedNamespace"].endswith(".servicebus.windows.net'")
+    subscription = _resource("eventGridSubscription")
+    assert "endpointType: 'AzureFunction'" in subscription
+    assert "resourceId: '${functionApp.id}/functions/fo_eventgrid'" in subscription
+    assert EVENT_GRID_SETTINGS == {"EVENTGRID_ENABLED": "'true'"}
+    for symbol in ("serviceBus", "serviceBusQueue", "serviceBusSendRule", "serviceBusReceiver"):
+        assert re.search(rf"^resource {symbol} '[^']+' = if \(useServiceBus\)", BICEP, re.M), symbol
+    for symbol in ("eventGrid", "eventGridSubscription"):
+        assert re.search(rf"^resource {symbol} '[^']+' = if \(eventGridTopic\)", BICEP, re.M), symbol

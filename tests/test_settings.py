@@ -39,6 +39,15 @@ def test_defaults_and_root_urls() -> None:
         ({**BASE, "RECONCILE_SCHEDULE": "*/5 * * * *"}, "RECONCILE_SCHEDULE", "6-field"),
         ({**BASE, "QUEUE_PREFIX": "Bad_Prefix"}, "QUEUE_PREFIX", "pattern"),
         ({**BASE, "STATE_TABLE": "no-dashes"}, "STATE_TABLE", "pattern"),
+        # The exporter ignores what it cannot parse (ingestion then silently tries keys): refused at start-up.
+        ({**BASE, "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "ClientId=abc"},
+         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "Authorization=AAD"),
+        ({**BASE, "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "Authorization=aad"},
+         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "capitals"),
+        ({**BASE, "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "Authorization=AAD; ClientId=abc"},
+         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "must be"),
+        ({**BASE, "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "Authorization=AAD;"},
+         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "must be"),
     ],
 )
 def test_a_bad_setting_is_named(environ: dict[str, str], setting: str, fragment: str) -> None:
@@ -47,6 +56,13 @@ def test_a_bad_setting_is_named(environ: dict[str, str], setting: str, fragment:
     assert caught.value.setting == setting
     assert fragment in caught.value.problem
     assert str(caught.value).startswith(f"setting {setting}:")
+
+
+def test_entra_ingestion_settings_in_the_forms_the_host_documents() -> None:
+    name = "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"
+    for value in ("Authorization=AAD", "Authorization=AAD;ClientId=1111-2222", "ClientId=1111-2222;authorization=AAD"):
+        assert load_settings({**BASE, name: value}).appinsights_authentication_string == value
+    assert load_settings({**BASE, name: ""}).appinsights_authentication_string is None
 
 
 def test_integration_users_are_normalized() -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,13 @@ from devkit.sandbox import dataverse as dataverse_emulator
 from devkit.sandbox import fno as fno_emulator
 from devkit.sandbox.common import Faults
 from loyaltysync import inbound, telemetry, worker
-from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
+from loyaltysync.retries import RetryState, with_retry
 from loyaltysync.runtime import Runtime, build_runtime
 from loyaltysync.settings import load_settings
 from loyaltysync.targets.http import Attempt
 from loyaltysync.telemetry import setup
+from loyaltysync.telemetry.processors import RedactingLogRecordProcessor, RedactingSpanProcessor
 from loyaltysync.telemetry.redaction import PersonalDataFilter, install_log_filter
 from loyaltysync.templates import default_mappings_dir, load_templates
 
@@ -254,22 +256,22 @@ async def test_throttling_is_counted_and_the_failure_recorded_scrubbed(
     caplog.set_level(logging.INFO)
     reply = _receive((EVENTS / "dataverse-loyaltycard-update.json").read_bytes())
 
-    with pytest.raises(TargetError) as raised:  # transient: the queue redelivers
-        await worker.handle_change(runtime, reply.messages[0], dequeue_count=1, max_dequeue=2)
-    assert raised.value.status == 429
+    # Transient: the change goes back on its queue for later and the message completes.
+    assert await worker.handle_change(runtime, reply.messages[0], dequeue_count=1, max_dequeue=2) is None
     dims = {"template": "loyalty-cards", "direction": "dataverse-to-fo"}
     assert recorded.total("loyaltysync.target.throttled", target="fno", **dims) == runtime.fno.http.retry.max_attempts
     assert recorded.total("loyaltysync.events.retried", **dims) == 1
     (first,) = recorded.named("sync ")
-    assert first.status.status_code == StatusCode.ERROR
-    assert [e.name for e in first.events] == ["exception"]
+    assert dict(first.attributes or {})["decision"] == "retry"
+    assert dict(first.attributes or {})["error.code"] == "429"
+    assert await runtime.dead_letters.list("loyalty-cards") == []
 
-    # The last allowed attempt parks the change as a dead letter (and still fails, for the poison queue).
-    with pytest.raises(TargetError):
-        await worker.handle_change(runtime, reply.messages[0], dequeue_count=2, max_dequeue=2)
+    # Once the retry budget is spent, the next failure parks the change as a dead letter.
+    spent = RetryState(7, datetime.now(UTC) - timedelta(hours=2), "fno answered 429")
+    assert await worker.handle_change(runtime, with_retry(reply.messages[0], spent)) is None
     assert recorded.total("loyaltysync.dead_letters", **dims) == 1
     second = recorded.named("sync ")[-1]
-    assert dict(second.attributes or {})["decision"] == "parked" and dict(second.attributes or {})["attempt"] == 2
+    assert dict(second.attributes or {})["decision"] == "parked" and dict(second.attributes or {})["attempt"] == 8
     for span in recorded.finished():
         assert CARD not in _text_of(span)
     parked = next(r for r in caplog.records if r.getMessage().startswith("parked"))
@@ -397,8 +399,17 @@ def fresh_setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]
     monkeypatch.setattr(distro, "configure_azure_monitor", fake)
     monkeypatch.setattr(setup, "_mode", None)
     previous = telemetry.install(None)
+    # configure() raises chatty loggers' levels and filters the exporting handlers: put them back after.
+    loggers = [logging.getLogger(name) for name in (setup.HTTPX_LOGGER, setup.SDK_HTTP_LOGGER)]
+    levels = [logger.level for logger in loggers]
+    handlers = logging.getLogger().handlers + logging.getLogger("loyaltysync").handlers
+    filters = [list(handler.filters) for handler in handlers]
     yield calls
     telemetry.install(previous)
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+    for handler, kept in zip(handlers, filters, strict=True):
+        handler.filters = kept
 
 
 def test_the_distro_is_not_configured_twice_next_to_the_functions_worker(fresh_setup: list[dict[str, Any]]) -> None:
@@ -426,6 +437,135 @@ def test_azure_monitor_mode_keeps_url_leaking_instrumentations_and_host_logs_out
     assert call["OTEL_LOGS_EXPORTER"] == "none", "the classic host already forwards log records"
     assert "OTEL_LOGS_EXPORTER" not in os.environ
     assert telemetry.current().redactor.key(CARD) == telemetry.hash_key(CARD, SALT)
+
+
+def test_azure_monitor_mode_samples_every_trace_and_redacts_before_the_exporter(
+    fresh_setup: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    assert setup.configure(_settings(APPLICATIONINSIGHTS_CONNECTION_STRING="InstrumentationKey=x")) == "azure-monitor"
+    (call,) = fresh_setup
+    assert call["sampling_ratio"] == 1.0, "the distro's default is 5 traces a second"
+    assert {name for name, o in call["instrumentation_options"].items() if not o["enabled"]} == set(
+        setup.DISTRO_INSTRUMENTATIONS
+    )
+    assert [type(p) for p in call["span_processors"]] == [RedactingSpanProcessor]
+    assert [type(p) for p in call["log_record_processors"]] == [RedactingLogRecordProcessor]
+    assert "credential" in call and call["credential"] is None, "no Entra ID asked for: the connection string only"
+
+
+def test_an_explicit_sampler_setting_is_left_to_the_distro(
+    fresh_setup: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The distro reads OTEL_TRACES_SAMPLER itself, but a sampling_ratio argument would override it.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "microsoft.rate_limited")
+    setup.configure(_settings(APPLICATIONINSIGHTS_CONNECTION_STRING="InstrumentationKey=x"))
+    (call,) = fresh_setup
+    assert "sampling_ratio" not in call
+
+
+def test_every_instrumentation_the_installed_distro_knows_is_switched_off() -> None:
+    from azure.monitor.opentelemetry._constants import _ALL_SUPPORTED_INSTRUMENTED_LIBRARIES
+
+    assert set(_ALL_SUPPORTED_INSTRUMENTED_LIBRARIES) <= set(setup.DISTRO_INSTRUMENTATIONS)
+
+
+def test_entra_ingestion_uses_a_managed_identity_or_the_apps_own_credential(
+    fresh_setup: list[dict[str, Any]],
+) -> None:
+    from azure.identity import AzureCliCredential, ManagedIdentityCredential
+
+    connection = {"APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=x"}
+    assert setup.ingestion_credential(_settings(**connection)) is None
+    user_assigned = setup.ingestion_credential(
+        _settings(**connection, APPLICATIONINSIGHTS_AUTHENTICATION_STRING="Authorization=AAD;ClientId=1234-abcd")
+    )
+    assert isinstance(user_assigned, ManagedIdentityCredential)
+    system_assigned = setup.ingestion_credential(
+        _settings(**connection, APPLICATIONINSIGHTS_AUTHENTICATION_STRING="Authorization=AAD",
+                  LOYALTYSYNC_CREDENTIAL="managed-identity")
+    )
+    assert isinstance(system_assigned, ManagedIdentityCredential)
+    developer = setup.ingestion_credential(
+        _settings(
+            **connection, APPLICATIONINSIGHTS_AUTHENTICATION_STRING="Authorization=AAD", LOYALTYSYNC_CREDENTIAL="cli"
+        )
+    )
+    assert isinstance(developer, AzureCliCredential)
+    setup.configure(
+        _settings(**connection, APPLICATIONINSIGHTS_AUTHENTICATION_STRING="ClientId=1234-abcd;Authorization=AAD")
+    )
+    (call,) = fresh_setup
+    assert isinstance(call["credential"], ManagedIdentityCredential)
+
+
+def test_spans_from_any_instrumentation_lose_keys_in_urls_and_names_as_they_start() -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans := InMemorySpanExporter()))
+    provider.add_span_processor(RedactingSpanProcessor())  # after the exporter: it acts as the span starts
+    tracer = provider.get_tracer("some.instrumentation")
+    previous = telemetry.install(_recorder().recorder)
+    try:
+        url = f"https://contoso.operations.dynamics.com/data/RetailLoyaltyCards(CardNumber='{CARD}')?cross-company=true"
+        query = "$filter=PartyNumber eq 'P-0042'&$top=5"
+        with telemetry.personal_values(CARD, "P-0042"):
+            with tracer.start_as_current_span(
+                f"GET {url}",
+                attributes={"http.url": url, "url.query": query, "url.path": f"/cards('{CARD}')", "note": f"{CARD}!"},
+            ):
+                pass
+        with tracer.start_as_current_span("table", attributes={"url.full": f"https://st/t(PartitionKey='x',RowKey='{CARD}')"}):
+            pass
+    finally:
+        telemetry.install(previous)
+    first, second = spans.get_finished_spans()
+    shaped = "https://contoso.operations.dynamics.com/data/RetailLoyaltyCards(…)?cross-company=…"
+    assert first.name == f"GET {shaped}"
+    assert dict(first.attributes or {}) == {
+        "http.url": shaped,
+        "url.query": "$filter=…&$top=…",
+        "url.path": "/cards(…)",
+        "note": f"{telemetry.hash_key(CARD, SALT)}!",
+    }
+    assert dict(second.attributes or {}) == {"url.full": "https://st/t(…)"}, "outside a change: shaped all the same"
+
+
+def test_urls_in_text_are_shaped_and_a_masked_secret_stays_visibly_masked() -> None:
+    redactor = telemetry.KeyRedactor(salt=SALT)
+    line = (
+        "HTTP Request: POST http://h/api/dataverse/loyalty-cards?code=***&x=1 \"HTTP/1.1 202\" then "
+        f"GET https://dv/api/data/v9.2/msdyn_loyaltycards(msdyn_cardnumber='{CARD}')?$filter=a eq 'b' \"HTTP/1.1 200\""
+    )
+    assert redactor.urls_in(line) == (
+        "HTTP Request: POST http://h/api/dataverse/loyalty-cards?code=***&x=… \"HTTP/1.1 202\" then "
+        "GET https://dv/api/data/v9.2/msdyn_loyaltycards(…)?$filter=… \"HTTP/1.1 200\""
+    )
+    assert telemetry.KeyRedactor(enabled=False).urls_in(line) == line
+
+
+def test_log_records_lose_urls_keys_and_filters_before_the_exporter() -> None:
+    from opentelemetry.instrumentation.logging.handler import LoggingHandler
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    provider = LoggerProvider()
+    provider.add_log_record_processor(RedactingLogRecordProcessor())
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exported := InMemoryLogRecordExporter()))
+    logger = logging.getLogger("loyaltysync.test.export")
+    handler = LoggingHandler(logger_provider=provider)
+    logger.addHandler(handler)
+    previous = telemetry.install(_recorder().recorder)
+    try:
+        with telemetry.personal_values(CARD):
+            logger.warning("card %s refused", CARD, extra={"detail": f"https://x/cards('{CARD}')?$filter=a eq 'b'"})
+        logger.warning("lookup failed: https://dv/api/data/v9.2/contacts?$filter=msdyn_partynumber eq 'P-0042'")
+    finally:
+        telemetry.install(previous)
+        logger.removeHandler(handler)
+    first, second = (r.log_record for r in exported.get_finished_logs())
+    assert first.body == f"card {telemetry.hash_key(CARD, SALT)} refused"
+    assert dict(first.attributes or {})["detail"] == "https://x/cards(…)?$filter=…"
+    assert second.body == "lookup failed: https://dv/api/data/v9.2/contacts?$filter=…", "no change known: still shaped"
 
 
 def test_party_numbers_an_event_carries_are_scrubbed_from_log_text_too(caplog: pytest.LogCaptureFixture) -> None:

@@ -6,6 +6,7 @@
   target calls, one trace) and the metrics per template and direction.
 - `metrics`: the instruments and the queue-backlog gauges.
 - `redaction`: natural keys (card and party numbers) hashed in telemetry.
+- `processors`: every span and log record redacted before an exporter sees it.
 - `wiring`: the recorder hooked to a running app's HTTP clients and queues.
 
 docs/monitoring.md lists every span, metric and dimension with KQL queries.

@@ -10,7 +10,9 @@ Application Insights. Keys are never metric dimensions at all (cardinality).
 Log messages written elsewhere (the sync engine, the HTTP pipeline, httpx)
 carry keys inside text and URLs; `PersonalDataFilter` replaces the key values
 of the change being processed (held in a context variable) wherever they
-appear, in plain and URL-encoded form.
+appear, in plain and URL-encoded form, and shapes every URL in the text (key
+predicates and query values out, a written-out `$filter` cut off), also where
+no change is known (a reconcile page, a lookup).
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ from contextvars import ContextVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 HASH_PREFIX = "h:"
+SECRET_MASK = "***"  # noqa: S105 - the mask, not a secret
 # Canonical fields besides the natural key whose values identify a person; scrubbed from log text and span
 # messages while a change that carries them is processed (a target's error may quote them).
 PERSONAL_FIELDS = frozenset({"CardNumber", "PartyNumber", "ReplacementCardNumber"})
 _MIN_SCRUB_LENGTH = 3  # shorter values would mangle ordinary words in log text
 _PREDICATE = re.compile(r"\(([^()]*)\)")
+_URL_IN_TEXT = re.compile(r"https?://[^\s\"<>]+")
+# A `$filter` written out in text may hold spaces (`PartyNumber eq 'P-1'`): all of it, to `&`, a quote or the line end.
+_FILTER_IN_TEXT = re.compile(r"(\$filter=)(?:[^&\"\n]*[^&\"\s])?")
 
 _values: ContextVar[tuple[str, ...]] = ContextVar("loyaltysync_personal_values", default=())
 
@@ -75,8 +81,22 @@ class KeyRedactor:
             return url
         parts = urlsplit(url)
         path = _PREDICATE.sub("(…)", parts.path)
-        query = "&".join(f"{pair.partition('=')[0]}=…" for pair in parts.query.split("&") if pair)
+        query = "&".join(_shape_pair(pair) for pair in parts.query.split("&") if pair)
         return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
+    def urls_in(self, text: str) -> str:
+        """`text` with every absolute URL in it shaped as `url` does, and `$filter` expressions removed."""
+        if not self.enabled or ("://" not in text and "$filter=" not in text):
+            return text
+        text = _URL_IN_TEXT.sub(lambda found: self.url(found.group(0)), text)
+        return _FILTER_IN_TEXT.sub(r"\1…", text)
+
+
+def _shape_pair(pair: str) -> str:
+    name, _, value = pair.partition("=")
+    # A value the secrets filter already masked (`code=***`, targets/redaction.py) says so; leave it saying it.
+    return pair if value == SECRET_MASK else f"{name}=…"
 
 
 def _forms(value: str) -> tuple[str, ...]:
@@ -114,17 +134,20 @@ def scrub(text: str) -> str:
 
 
 class PersonalDataFilter(logging.Filter):
-    """Rewrites a record's message when it shows a key value of the change being processed."""
+    """Rewrites a record's message when it shows a key value of the change being processed, or a URL.
+
+    URLs are shaped whatever the context (a reconcile page or a lookup logs them outside any change).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        values = _values.get()
-        if not values or not _active.enabled:
+        if not _active.enabled:
             return True
+        values = _values.get()
         try:
             message = record.getMessage()
         except (TypeError, ValueError):  # a malformed record: let logging report it as usual
             return True
-        cleaned = _active.scrub(message, values)
+        cleaned = _active.urls_in(_active.scrub(message, values) if values else message)
         if cleaned != message:
             record.msg = cleaned
             record.args = None
@@ -156,3 +179,18 @@ def install_log_filter(names: Iterable[str] = LOGGERS) -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+def install_handler_filter(names: Iterable[str]) -> int:
+    """Attach the personal-data filter to every handler of the named loggers (idempotent); returns how many.
+
+    A logger's filter only sees records logged on that very logger; a handler's sees every record it
+    emits, from child loggers too (`loyaltysync.preflight` reaching the exporting handler on `loyaltysync`).
+    """
+    count = 0
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
+            count += 1
+    return count
