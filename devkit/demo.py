@@ -1,8 +1,9 @@
 """`make demo`: the whole sync, both ways, on the built-in sandbox, as a scripted day.
 
 Starts Azurite, both emulators and the dev host (function_app.py as deployed),
-registers the Dataverse webhooks through the Web API and subscribes F&O data
-events, seeds F&O and copies it to Dataverse, then plays a day of changes on
+registers the Dataverse webhooks and the F&O virtual-table steps through the Web
+API (which activates the F&O data events, delivered through Dataverse as in
+Power Platform), seeds F&O and copies it to Dataverse, then plays a day of changes on
 both sides, printing every event as the worker handles it. Exits 0 only when
 both sides converged with no dead letters.
 """
@@ -297,7 +298,8 @@ async def run_demo() -> int:
         print(f"  F&O emulator        {stack.fo.url}/data/")
         print(f"  Dataverse emulator  {stack.dataverse.url}/api/data/v9.2/")
         print(f"  function app        {stack.function_url}/api/")
-        print("  Dataverse webhooks registered through the Web API; F&O data events subscribed")
+        print("  Dataverse webhooks and F&O virtual-table steps registered through the Web API;")
+        print("  F&O data events reach the function through Dataverse (OnExternalCreated/Updated/Deleted)")
         code = await play(stack)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s: {'OK' if code == 0 else 'FAILED'}")
     return code

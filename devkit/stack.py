@@ -3,8 +3,11 @@
 Used by `make demo`, the end-to-end tests and the live-pipeline benchmark, so
 all three exercise the same wiring a user gets: real HTTP between the function
 app and the emulators, real Storage queues and tables, webhooks registered
-through the Dataverse Web API and F&O data events subscribed through the
-emulator's admin endpoint.
+through the Dataverse Web API, and F&O data events the way Power Platform
+delivers them: `register-webhooks` puts steps on the F&O virtual tables'
+OnExternal* messages, the Dataverse emulator (given the F&O emulator's URL)
+activates the data events in the F&O emulator, and each F&O change comes back
+through Dataverse as a webhook of those steps to `/api/fo/<template>`.
 
 By default everything runs in the caller's process. `emulators_in_child=True` serves
 both emulators from a child process instead (the benchmark uses it): in production
@@ -146,7 +149,11 @@ def _emulator_servers(
     dv = Server(
         "dataverse",
         dataverse_emulator.create_app(
-            token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{dv_port}"
+            token=token,
+            seed=seed,
+            templates=templates,
+            public_url=f"http://127.0.0.1:{dv_port}",
+            fno_url=fo.url,  # its F&O connection: where it activates data events for virtual-table steps
         ),
         dv_port,
     )
@@ -309,17 +316,35 @@ async def settle(stack: Stack, *, seconds: float = 60.0) -> None:
     raise TimeoutError(f"the pipeline did not settle within {seconds:.0f} s")
 
 
-async def register(stack: Stack, *, fo_event_format: str) -> None:
-    """Dataverse webhooks through the Web API (the real registration path); F&O event subscriptions."""
+async def register(stack: Stack, *, fo_event_format: str = "data-event") -> None:
+    """What `register-webhooks` does, through the Dataverse Web API (the real registration path).
+
+    "data-event": Dataverse webhooks plus the steps on the F&O virtual tables, whose
+    registration activates the data events in the F&O emulator (checked here, so a
+    Dataverse emulator without its F&O connection fails loudly instead of losing
+    every F&O change). "business-event": Dataverse webhooks only, and F&O sends
+    business events straight to `/api/fo/<template>`, as an HTTPS endpoint does.
+    """
     from loyaltysync import webhooks
     from loyaltysync.targets.auth import StaticTokenCredential
     from loyaltysync.targets.dataverse import DataverseClient
 
+    if fo_event_format not in ("data-event", "business-event"):
+        raise ValueError(f"fo_event_format must be 'data-event' or 'business-event', got {fo_event_format!r}")
+    data_events = fo_event_format == "data-event"
     async with DataverseClient(stack.dataverse.url, StaticTokenCredential(stack.token)) as client:
         plan = await webhooks.plan(
-            client, stack.templates, function_url=stack.function_url, function_key=stack.function_key
+            client, stack.templates, function_url=stack.function_url, function_key=stack.function_key,
+            fo_data_events=data_events,
         )
         await webhooks.apply(client, plan)
+    if data_events:
+        async with stack.admin(stack.dataverse) as admin:
+            link = (await admin.get("/_admin/fno/link")).raise_for_status().json()
+        missing = {t.fo.entity_set for t in stack.templates.values() if t.fo.virtual_table_name} - set(link["active"])
+        if link["fno_url"] is None or link["last_error"] or missing:
+            raise RuntimeError(f"the Dataverse emulator did not activate F&O data events for {sorted(missing)}: {link}")
+        return
     async with stack.admin(stack.fo) as admin:
         for template in stack.templates.values():
             response = await admin.post(
@@ -327,7 +352,7 @@ async def register(stack: Stack, *, fo_event_format: str) -> None:
                 json={
                     "entity_set": template.fo.entity_set,
                     "url": f"{stack.function_url}/api/fo/{template.name}?code={stack.function_key}",
-                    "format": fo_event_format,
+                    "format": "business-event",
                 },
             )
             response.raise_for_status()

@@ -314,7 +314,7 @@ def cmd_initial_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_register_webhooks(args: argparse.Namespace) -> int:
-    """Create, update or remove the Dataverse webhook registrations of every template."""
+    """Create, update or remove the Dataverse webhook registrations of every template, F&O data events included."""
     from loyaltysync import webhooks
 
     templates = _templates(args)
@@ -326,7 +326,8 @@ def cmd_register_webhooks(args: argparse.Namespace) -> int:
             if not args.function_url or not args.function_key:
                 raise ConfigError("--function-url/--function-key", "both are required to register webhooks")
             plan = await webhooks.plan(
-                runtime.dataverse, templates, function_url=args.function_url, function_key=args.function_key
+                runtime.dataverse, templates, function_url=args.function_url, function_key=args.function_key,
+                fo_data_events=not args.no_fo_data_events,
             )
         lines = plan.describe()
         if not args.dry_run:
@@ -407,11 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--batch-size", type=int, default=1000, help="records per write request (default 1000)")
     init.set_defaults(func=cmd_initial_sync)
 
-    reg = sub.add_parser("register-webhooks", help="register the Dataverse webhooks of every template")
+    reg = sub.add_parser(
+        "register-webhooks", help="register the Dataverse webhooks and F&O data-event steps of every template"
+    )
     reg.add_argument("--function-url", help="function app base URL, e.g. https://myapp.azurewebsites.net")
     reg.add_argument("--function-key", help="the function key Dataverse sends as ?code=")
     reg.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     reg.add_argument("--remove", action="store_true", help="remove every registration")
+    reg.add_argument(
+        "--no-fo-data-events", action="store_true",
+        help="skip (and remove) the steps on the F&O virtual tables, e.g. when F&O sends business events instead",
+    )
     reg.set_defaults(func=cmd_register_webhooks)
     return parser
 

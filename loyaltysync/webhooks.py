@@ -3,8 +3,15 @@
 Per template: one webhook service endpoint `<endpoint_name>-<template>` that calls
 `<function_url>/api/dataverse/<template>?code=<key>`, and three asynchronous
 post-operation steps (Create, Update, Delete of the template's table) with one
-image each (wire-formats.md §1.11). `plan` is read-only and idempotent: what is
-already right is left alone, so a second run plans nothing.
+image each (docs/wire-formats.md §1.11). F&O data events are subscribed the way the
+Power Platform integration does it: a second endpoint `<endpoint_name>-<template>.fo`
+that calls `<function_url>/api/fo/<template>?code=<key>`, with asynchronous
+post-operation steps on the template's F&O virtual table (`mserp_<entity>`)
+for OnExternalCreated, OnExternalUpdated and OnExternalDeleted; registering
+those steps is what activates the data events in F&O (docs/fno-events.md).
+Every step deletes its system job once it succeeded (`asyncautodelete`), so
+only failed deliveries stay for an operator to see. `plan` is read-only and
+idempotent: what is already right is left alone, so a second run plans nothing.
 
 The key (`authvalue`) can never be read back, so the endpoint's `description`
 carries a fingerprint of it (`sha256`, first 12 hex digits): a changed key is
@@ -26,6 +33,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from loyaltysync.errors import ConfigError, TargetError
+from loyaltysync.events.fno import virtual_column
 from loyaltysync.targets.dataverse import DataverseClient, Row
 from loyaltysync.targets.odata import any_of_filter, literal
 from loyaltysync.templates import Template
@@ -34,11 +42,15 @@ WEBHOOK, WEBHOOK_KEY, JSON_FORMAT = 8, 4, 2
 ASYNCHRONOUS, POST_OPERATION = 1, 40
 PRE_IMAGE, POST_IMAGE, BOTH_IMAGES = 0, 1, 2
 MESSAGES = ("Create", "Update", "Delete")
+# The messages of an F&O virtual table, raised when F&O announces a data event (wire-formats B2).
+FO_MESSAGES = ("OnExternalCreated", "OnExternalUpdated", "OnExternalDeleted")
+FO_SUFFIX = ".fo"  # template names cannot hold a '.', so `<group>-<template>.fo` is no other template's endpoint
 IMAGE_EXTRA_COLUMNS = ("modifiedon", "versionnumber")  # the engine orders and dedupes changes by them
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _MARK = re.compile(r"^Managed by loyaltysync: group (\S+), template (\S+), key sha256 ([0-9a-f]{12})\.$")
 
 Kind = Literal["create", "update", "delete"]
+Side = Literal["dataverse", "fo"]
 Entity = Literal["endpoint", "step", "image"]
 ENTITY_SETS: dict[Entity, str] = {
     "endpoint": "serviceendpoints",
@@ -161,8 +173,9 @@ class ImageSpec:
 class StepSpec:
     message: str
     name: str
+    table: str
     filtering: tuple[str, ...]
-    image: ImageSpec
+    image: ImageSpec | None
 
     def columns(self) -> dict[str, Any]:
         return {
@@ -171,8 +184,8 @@ class StepSpec:
             "stage": POST_OPERATION,
             "rank": 1,
             "supporteddeployment": 0,
-            # Failed deliveries stay as system jobs, so an operator can see them.
-            "asyncautodelete": False,
+            # A succeeded job is deleted; a failed one stays as a system job for an operator to see.
+            "asyncautodelete": True,
             "filteringattributes": ",".join(self.filtering) or None,
         }
 
@@ -180,6 +193,7 @@ class StepSpec:
 @dataclass(frozen=True)
 class EndpointSpec:
     template: Template
+    side: Side
     name: str
     url: str
     description: str
@@ -209,14 +223,47 @@ def wanted_steps(template: Template, endpoint_name: str) -> tuple[StepSpec, ...]
         "Delete": ImageSpec("PreImage", PRE_IMAGE, "Target", tuple(key)),
     }
     return tuple(
-        StepSpec(m, f"{endpoint_name}: {m} of {table}", mapped if m == "Update" else (), images[m]) for m in MESSAGES
+        StepSpec(m, f"{endpoint_name}: {m} of {table}", table, mapped if m == "Update" else (), images[m])
+        for m in MESSAGES
+    )
+
+
+def virtual_table_columns(template: Template) -> tuple[str, ...]:
+    """The template's F&O properties as virtual-table columns (`mserp_<property lower case>`), sorted."""
+    return tuple(sorted({virtual_column(f) for f in template.all_fields if f.fo}))
+
+
+def wanted_fo_steps(template: Template, endpoint_name: str) -> tuple[StepSpec, ...]:
+    """OnExternalCreated, OnExternalUpdated and OnExternalDeleted steps on the template's virtual table.
+
+    No images: the data event carries the row in InputParameters (Target, and a
+    PreImage for updates), and the worker re-reads F&O anyway. OnExternalUpdated
+    filters on the mapped columns, so a change F&O makes to unmapped fields
+    costs no delivery (wire-formats B2: it supports filtering attributes).
+    """
+    table = template.fo.virtual_table_name
+    if table is None:
+        return ()
+    columns = virtual_table_columns(template)
+    return tuple(
+        StepSpec(m, f"{endpoint_name}: {m} of {table}", table, columns if m == "OnExternalUpdated" else (), None)
+        for m in FO_MESSAGES
     )
 
 
 def wanted_endpoints(
-    templates: Mapping[str, Template], *, function_url: str, function_key: str, endpoint_name: str
+    templates: Mapping[str, Template],
+    *,
+    function_url: str,
+    function_key: str,
+    endpoint_name: str,
+    fo_data_events: bool = True,
 ) -> list[EndpointSpec]:
-    """The registration every template needs; ConfigError for an unusable URL, key or endpoint name."""
+    """The registration every template needs; ConfigError for an unusable URL, key or endpoint name.
+
+    With `fo_data_events`, a template whose F&O side names a virtual table
+    (`fo.entity_type` or `fo.virtual_table`) also gets its data-event endpoint.
+    """
     parts = urlsplit(function_url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError("function_url", f"must be an absolute http(s) base URL without query, got {function_url!r}")
@@ -225,16 +272,16 @@ def wanted_endpoints(
     _check_endpoint_name(endpoint_name)
     base = function_url.rstrip("/")
     fingerprint = key_fingerprint(function_key)
-    return [
-        EndpointSpec(
-            template=t,
-            name=f"{endpoint_name}-{t.name}",
-            url=f"{base}/api/dataverse/{t.name}",
-            description=f"Managed by loyaltysync: group {endpoint_name}, template {t.name}, key sha256 {fingerprint}.",
-            steps=wanted_steps(t, endpoint_name),
-        )
-        for t in sorted(templates.values(), key=lambda t: t.name)
-    ]
+    specs: list[EndpointSpec] = []
+    for t in sorted(templates.values(), key=lambda t: t.name):
+        description = f"Managed by loyaltysync: group {endpoint_name}, template {t.name}, key sha256 {fingerprint}."
+        specs.append(EndpointSpec(t, "dataverse", f"{endpoint_name}-{t.name}", f"{base}/api/dataverse/{t.name}",
+                                  description, wanted_steps(t, endpoint_name)))
+        fo_steps = wanted_fo_steps(t, endpoint_name) if fo_data_events else ()
+        if fo_steps:
+            specs.append(EndpointSpec(t, "fo", f"{endpoint_name}-{t.name}{FO_SUFFIX}", f"{base}/api/fo/{t.name}",
+                                      description, fo_steps))
+    return specs
 
 
 def _check_endpoint_name(endpoint_name: str) -> None:
@@ -297,26 +344,39 @@ async def _children(
     return grouped
 
 
-async def _message_ids(client: DataverseClient) -> dict[str, str]:
-    where = " or ".join(f"name eq {literal(m)}" for m in MESSAGES)
+async def _message_ids(client: DataverseClient, names: Sequence[str]) -> dict[str, str]:
+    where = " or ".join(f"name eq {literal(m)}" for m in names)
     rows = await _collect(client, "sdkmessages", ["sdkmessageid", "name"], where)
     found = {str(r["name"]): _id(r, "sdkmessageid") for r in rows}
-    missing = [m for m in MESSAGES if m not in found]
+    missing = [m for m in MESSAGES if m in names and m not in found]
     if missing:
         raise TargetError("dataverse", 200, "", f"sdkmessages has no {', '.join(missing)} message")
+    missing = [m for m in FO_MESSAGES if m in names and m not in found]
+    if missing:
+        raise ConfigError(
+            "F&O data events",
+            f"Dataverse has no {', '.join(missing)} message: enable the Power Platform integration of F&O and "
+            "install the Finance and Operations virtual entity solution, or register without F&O data events",
+        )
     return found
 
 
-async def _filter_id(client: DataverseClient, template: Template, message: str) -> str:
-    table = template.dataverse.table
-    where = f"sdkmessageid/name eq {literal(message)} and primaryobjecttypecode eq {literal(table)}"
+async def _filter_id(client: DataverseClient, template: Template, step: StepSpec) -> str:
+    where = f"sdkmessageid/name eq {literal(step.message)} and primaryobjecttypecode eq {literal(step.table)}"
     rows = await _collect(client, "sdkmessagefilters", ["sdkmessagefilterid"], where)
-    if not rows:
+    if rows:
+        return _id(rows[0], "sdkmessagefilterid")
+    if step.message in FO_MESSAGES:
         raise ConfigError(
-            f"template {template.name}: dataverse.table",
-            f"Dataverse has no {message} message filter for table {table!r} (is the table name right?)",
+            f"template {template.name}: fo.entity_type",
+            f"Dataverse has no {step.message} message filter for virtual table {step.table!r}: make the F&O "
+            f"entity {template.fo.entity_type or step.table!r} visible as a virtual table (Available Finance and "
+            "Operations entities, Visible = Yes), or set fo.virtual_table to its name",
         )
-    return _id(rows[0], "sdkmessagefilterid")
+    raise ConfigError(
+        f"template {template.name}: dataverse.table",
+        f"Dataverse has no {step.message} message filter for table {step.table!r} (is the table name right?)",
+    )
 
 
 # ---------------------------------------------------------------- the difference
@@ -372,10 +432,16 @@ def _delete_step(registered: _Registered, step: Row, endpoint_label: str) -> lis
 
 
 def _plan_image(
-    registered: _Registered, step_id: str | None, step_ref: str, step_name: str, spec: ImageSpec
+    registered: _Registered, step_id: str | None, step_ref: str, step_name: str, spec: ImageSpec | None
 ) -> list[Action]:
-    wanted = spec.columns()
     images = registered.images.get(step_id, []) if step_id else []
+    if spec is None:  # a step that wants no image: any found is not ours to keep
+        return [
+            Action("delete", "image", str(i.get("name")), _id(i, "sdkmessageprocessingstepimageid"),
+                   parent_name=step_name)
+            for i in images
+        ]
+    wanted = spec.columns()
     if not images:
         return [Action("create", "image", spec.alias, fields=wanted, parent_id=step_id,
                        parent_ref=None if step_id else step_ref, parent_name=step_name)]
@@ -415,10 +481,10 @@ def _plan_endpoint(
         if changed:
             actions.append(Action("update", "endpoint", spec.name, endpoint_id, fields=changed,
                                   changes=_change_lines(keep, changed)))
-    message_names = {v: k for k, v in messages.items()}
+    wanted_messages = {messages[s.message]: s.message for s in spec.steps}
     by_message: dict[str, list[Row]] = {}
     for step in registered.steps.get(endpoint_id, []) if endpoint_id else []:
-        by_message.setdefault(message_names.get(_id(step, "_sdkmessageid_value"), ""), []).append(step)
+        by_message.setdefault(wanted_messages.get(_id(step, "_sdkmessageid_value"), ""), []).append(step)
     for unwanted in by_message.pop("", []):  # another message on our endpoint: not ours to keep
         actions.extend(_delete_step(registered, unwanted, spec.name))
     for step_spec in spec.steps:
@@ -477,25 +543,29 @@ async def plan(
     function_key: str,
     endpoint_name: str = "loyaltysync",
     prune: bool = True,
+    fo_data_events: bool = True,
 ) -> Plan:
     """Read the current registration and return the writes that make it match `templates` (reads only).
 
-    Endpoints are found by name `<endpoint_name>-<template>`; with `prune`, endpoints
-    this group created for templates that are no longer given are deleted too.
-    Raises ConfigError for bad arguments or a table Dataverse does not know.
+    Endpoints are found by name `<endpoint_name>-<template>` (and `...<template>.fo`
+    for F&O data events); with `prune`, endpoints this group created for templates
+    that are no longer given (or for data events no longer wanted) are deleted too.
+    Raises ConfigError for bad arguments, a table Dataverse does not know, or, with
+    `fo_data_events`, an organization without the F&O virtual table a template names.
     """
     specs = wanted_endpoints(templates, function_url=function_url, function_key=function_key,
-                             endpoint_name=endpoint_name)
+                             endpoint_name=endpoint_name, fo_data_events=fo_data_events)
     registered = await _read(client, endpoint_name)
-    messages = await _message_ids(client)
-    filter_ids = await asyncio.gather(*(_filter_id(client, s.template, m) for s in specs for m in MESSAGES))
+    messages = await _message_ids(client, list(dict.fromkeys(step.message for s in specs for step in s.steps)))
+    filter_ids = await asyncio.gather(*(_filter_id(client, s.template, step) for s in specs for step in s.steps))
     secret = Secret(function_key)
     by_name: dict[str, list[Row]] = {}
     for endpoint in registered.endpoints:
         by_name.setdefault(str(endpoint.get("name")).casefold(), []).append(endpoint)
     actions: list[Action] = []
-    for index, spec in enumerate(specs):
-        filters = dict(zip(MESSAGES, filter_ids[index * len(MESSAGES) : (index + 1) * len(MESSAGES)], strict=True))
+    found_filters = iter(filter_ids)
+    for spec in specs:
+        filters = {step.message: next(found_filters) for step in spec.steps}
         found = by_name.pop(spec.name.casefold(), [])
         actions.extend(_plan_endpoint(registered, spec, found, secret, messages, filters))
     if prune:
@@ -510,11 +580,11 @@ async def plan_removal(
 ) -> Plan:
     """The deletes that take away this group's registration: images, steps, then endpoints (reads only).
 
-    Removed: endpoints named `<endpoint_name>-<template>` for the given templates,
-    and any endpoint whose description marks it as this group's.
+    Removed: endpoints named `<endpoint_name>-<template>` or `<endpoint_name>-<template>.fo`
+    for the given templates, and any endpoint whose description marks it as this group's.
     """
     _check_endpoint_name(endpoint_name)
-    names = {f"{endpoint_name}-{name}".casefold() for name in templates}
+    names = {f"{endpoint_name}-{name}{suffix}".casefold() for name in templates for suffix in ("", FO_SUFFIX)}
     registered = await _read(client, endpoint_name)
     actions: list[Action] = []
     for endpoint in registered.endpoints:

@@ -202,7 +202,9 @@ def test_data_event_route_checks_the_virtual_table() -> None:
 
 
 def test_template_without_virtual_table_accepts_any_unclaimed_mserp_table() -> None:
-    levels = TEMPLATES["loyalty-levels"]  # names no entity_type, hence no virtual table
+    unnamed = TEMPLATES["loyalty-levels"].model_dump()
+    unnamed["fo"]["entity_type"] = None  # no entity_type, hence no virtual table
+    levels = Template.model_validate(unnamed)
     data = load("fo-dataevent-loyaltycard-updated.json")
     data["PrimaryEntityName"] = "mserp_retailloyaltylevelentity"
     for pair in target_attributes(data):

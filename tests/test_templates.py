@@ -241,7 +241,8 @@ def test_names_usable_by_the_functions_host(shipped: dict[str, Template]) -> Non
     assert function_safe("Loyalty-Cards.FO") == "loyalty_cards_fo"
     assert function_safe("x" * 200) == "x" * 127
     assert shipped["loyalty-cards"].fo.virtual_table_name == "mserp_retailloyaltycardentity"
-    assert shipped["loyalty-levels"].fo.virtual_table_name is None
+    assert shipped["loyalty-levels"].fo.virtual_table_name == "mserp_loyaltylevelentity"
+    assert shipped["loyalty-levels"].fo.model_copy(update={"entity_type": None}).virtual_table_name is None
 
 
 def test_unknown_field_name_is_a_key_error(shipped: dict[str, Template]) -> None:

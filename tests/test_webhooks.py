@@ -37,6 +37,7 @@ class Delivered:
     query: dict[str, str]
     headers: dict[str, str]
     body: dict[str, Any]
+    raw: bytes = b""
 
 
 @dataclass
@@ -47,12 +48,13 @@ class Receiver:
 
     def app(self) -> Starlette:
         async def hook(request: Request) -> Response:
+            raw = await request.body()
             self.received.append(Delivered(
-                request.url.path, dict(request.query_params), dict(request.headers), json.loads(await request.body())
+                request.url.path, dict(request.query_params), dict(request.headers), json.loads(raw), raw
             ))
             return Response(status_code=202)
 
-        return Starlette(routes=[Route("/api/dataverse/{template}", hook, methods=["POST"])])
+        return Starlette(routes=[Route("/api/{side}/{template}", hook, methods=["POST"])])
 
 
 @dataclass
@@ -120,8 +122,9 @@ async def test_plan_on_an_empty_org_creates_everything(sandbox: Sandbox) -> None
 
     n = len(TEMPLATES)
     assert not plan.is_empty
+    # Per template: the Dataverse endpoint with 3 steps and their images, the F&O data-event endpoint with 3 steps.
     assert (plan.count("create", "endpoint"), plan.count("create", "step"), plan.count("create", "image")) == (
-        n, 3 * n, 3 * n
+        2 * n, 6 * n, 3 * n
     )
     assert plan.count("update") == plan.count("delete") == 0
     lines = plan.describe()
@@ -129,6 +132,10 @@ async def test_plan_on_an_empty_org_creates_everything(sandbox: Sandbox) -> None
     cards = TEMPLATES["loyalty-cards"]
     assert (
         f"create endpoint 'loyaltysync-loyalty-cards': url: {FUNCTION_URL}/api/dataverse/loyalty-cards, key: (set)"
+        in lines
+    )
+    assert (
+        f"create endpoint 'loyaltysync-loyalty-cards.fo': url: {FUNCTION_URL}/api/fo/loyalty-cards, key: (set)"
         in lines
     )
     update_step = next(line for line in lines if line.startswith("create step 'loyaltysync: Update of"))
@@ -141,7 +148,7 @@ async def test_apply_registers_what_the_spec_asks_and_a_second_plan_is_empty(san
     await sandbox.register()
 
     endpoints = {e["name"]: e for e in sandbox.rows("serviceendpoint")}
-    assert sorted(endpoints) == sorted(f"loyaltysync-{name}" for name in TEMPLATES)
+    assert sorted(endpoints) == sorted(f"loyaltysync-{name}{suffix}" for name in TEMPLATES for suffix in ("", ".fo"))
     cards_endpoint = endpoints["loyaltysync-loyalty-cards"]
     assert (cards_endpoint["contract"], cards_endpoint["authtype"], cards_endpoint["messageformat"]) == (8, 4, 2)
     assert cards_endpoint["url"] == f"{FUNCTION_URL}/api/dataverse/loyalty-cards"
@@ -157,7 +164,7 @@ async def test_apply_registers_what_the_spec_asks_and_a_second_plan_is_empty(san
     for message, step in by_message.items():
         assert step["name"] == f"loyaltysync: {message} of msdyn_loyaltycard"
         assert (step["mode"], step["stage"], step["rank"], step["supporteddeployment"]) == (1, 40, 1, 0)
-        assert step["asyncautodelete"] is False
+        assert step["asyncautodelete"] is True
         assert filters[step["sdkmessagefilterid"]]["primaryobjecttypecode"] == "msdyn_loyaltycard"
     assert by_message["Update"]["filteringattributes"] == ",".join(_mapped(TEMPLATES["loyalty-cards"]))
     assert not by_message["Create"].get("filteringattributes")
@@ -246,7 +253,7 @@ async def test_a_changed_key_updates_only_the_endpoints(sandbox: Sandbox) -> Non
 
     plan = await sandbox.plan(function_key=new_key)
 
-    assert [(a.kind, a.entity) for a in plan.actions] == [("update", "endpoint")] * len(TEMPLATES)
+    assert [(a.kind, a.entity) for a in plan.actions] == [("update", "endpoint")] * 2 * len(TEMPLATES)
     assert all(line.endswith(": key: (set)") for line in plan.describe())
     _no_key(plan, new_key)
     _no_key(plan, KEY)
@@ -265,14 +272,16 @@ async def test_a_changed_function_url_updates_the_urls_in_place(sandbox: Sandbox
 
     plan = await sandbox.plan(function_url=moved)
 
-    assert [(a.kind, a.entity) for a in plan.actions] == [("update", "endpoint")] * len(TEMPLATES)
+    assert [(a.kind, a.entity) for a in plan.actions] == [("update", "endpoint")] * 2 * len(TEMPLATES)
     assert (
         "update endpoint 'loyaltysync-loyalty-levels': url: http://functions.test/api/dataverse/loyalty-levels -> "
         "https://loyalty-prod.azurewebsites.net/api/dataverse/loyalty-levels"
     ) in plan.describe()
     await webhooks.apply(sandbox.client, plan)
     assert {e["url"] for e in sandbox.rows("serviceendpoint")} == {
-        f"https://loyalty-prod.azurewebsites.net/api/dataverse/{name}" for name in TEMPLATES
+        f"https://loyalty-prod.azurewebsites.net/api/{side}/{name}"
+        for name in TEMPLATES
+        for side in ("dataverse", "fo")
     }
     assert (await sandbox.plan(function_url=moved)).is_empty
 
@@ -287,6 +296,8 @@ async def test_a_changed_column_set_updates_the_update_step_and_post_images(sand
     assert sorted((a.kind, a.entity, a.name) for a in plan.actions) == [
         ("update", "image", "Image"),
         ("update", "image", "PostImage"),
+        # The F&O side filters its updates on the mapped columns too.
+        ("update", "step", "loyaltysync: OnExternalUpdated of mserp_retailloyaltycardentity"),
         ("update", "step", "loyaltysync: Update of msdyn_loyaltycard"),
     ]
     assert all("msdyn_effectivedate" not in str(a.fields) for a in plan.actions)
@@ -355,7 +366,7 @@ async def test_removal_takes_away_everything_it_created_and_nothing_else(sandbox
 
     n = len(TEMPLATES)
     assert (plan.count("delete", "image"), plan.count("delete", "step"), plan.count("delete", "endpoint")) == (
-        3 * n, 3 * n, n
+        3 * n, 6 * n, 2 * n
     )
     assert plan.count() == plan.count("delete")
     position = {(a.entity, a.name): i for i, a in enumerate(plan.actions)}
@@ -378,7 +389,7 @@ async def test_removal_finds_endpoints_of_templates_no_longer_configured(sandbox
 
     plan = await webhooks.plan_removal(sandbox.client, remaining)
 
-    assert plan.count("delete", "endpoint") == len(TEMPLATES)
+    assert plan.count("delete", "endpoint") == 2 * len(TEMPLATES)
 
 
 async def test_plan_prunes_a_dropped_template_unless_told_not_to(sandbox: Sandbox) -> None:
@@ -390,8 +401,9 @@ async def test_plan_prunes_a_dropped_template_unless_told_not_to(sandbox: Sandbo
     plan = await sandbox.plan(fewer)
 
     assert {a.kind for a in plan.actions} == {"delete"}
-    assert (plan.count("delete", "endpoint"), plan.count("delete", "step"), plan.count("delete", "image")) == (1, 3, 3)
+    assert (plan.count("delete", "endpoint"), plan.count("delete", "step"), plan.count("delete", "image")) == (2, 6, 3)
     assert "delete endpoint 'loyaltysync-loyalty-levels'" in plan.describe()
+    assert "delete endpoint 'loyaltysync-loyalty-levels.fo'" in plan.describe()
     await webhooks.apply(sandbox.client, plan)
     assert "loyaltysync-loyalty-levels" not in {e["name"] for e in sandbox.rows("serviceendpoint")}
     assert "loyaltysync-dev-loyalty-cards" in {e["name"] for e in sandbox.rows("serviceendpoint")}
@@ -405,7 +417,7 @@ async def test_endpoint_name_groups_registrations_side_by_side(sandbox: Sandbox)
     assert (await sandbox.plan(endpoint_name="loyaltysync-dev", function_url="http://127.0.0.1:7071")).is_empty
     await webhooks.apply(sandbox.client, await webhooks.plan_removal(sandbox.client, TEMPLATES))
     assert all(e["name"].startswith("loyaltysync-dev-") for e in sandbox.rows("serviceendpoint"))
-    assert len(sandbox.rows("sdkmessageprocessingstep")) == 3 * len(TEMPLATES)
+    assert len(sandbox.rows("sdkmessageprocessingstep")) == 6 * len(TEMPLATES)
 
 
 # ---------------------------------------------------------------- bad input
@@ -443,3 +455,99 @@ def test_the_fingerprint_tells_keys_apart_without_holding_them() -> None:
     assert first != second
     assert len(first) == 12
     assert KEY not in first
+
+
+# ---------------------------------------------------------------- F&O data events through the virtual tables
+
+VIRTUAL_TABLES = {
+    "loyalty-cards": "mserp_retailloyaltycardentity",
+    "loyalty-levels": "mserp_loyaltylevelentity",
+    "loyalty-reward-points": "mserp_retailloyaltyrewardpointentity",
+}
+
+
+async def test_fo_data_events_are_steps_on_the_virtual_tables_calling_the_fo_route(sandbox: Sandbox) -> None:
+    await sandbox.register()
+
+    messages = {m["sdkmessageid"]: m["name"] for m in sandbox.rows("sdkmessage")}
+    filters = {f["sdkmessagefilterid"]: f for f in sandbox.rows("sdkmessagefilter")}
+    endpoints = {e["serviceendpointid"]: e for e in sandbox.rows("serviceendpoint")}
+    on_virtual = [
+        s for s in sandbox.rows("sdkmessageprocessingstep")
+        if filters[s["sdkmessagefilterid"]]["primaryobjecttypecode"].startswith("mserp_")
+    ]
+    assert len(on_virtual) >= 9
+    found = {
+        (filters[s["sdkmessagefilterid"]]["primaryobjecttypecode"], messages[s["sdkmessageid"]]): s for s in on_virtual
+    }
+    assert set(found) == {
+        (table, message) for table in VIRTUAL_TABLES.values()
+        for message in ("OnExternalCreated", "OnExternalUpdated", "OnExternalDeleted")
+    }
+    for name, table in VIRTUAL_TABLES.items():
+        for message in ("OnExternalCreated", "OnExternalUpdated", "OnExternalDeleted"):
+            step = found[(table, message)]
+            endpoint = endpoints[step["eventhandler"]]
+            assert endpoint["url"] == f"{FUNCTION_URL}/api/fo/{name}"
+            assert (endpoint["contract"], endpoint["authtype"], endpoint["authvalue"]) == (8, 4, KEY)
+            assert (step["mode"], step["stage"], step["asyncautodelete"], step["statecode"]) == (1, 40, True, 0)
+    updated = found[("mserp_retailloyaltycardentity", "OnExternalUpdated")]
+    assert updated["filteringattributes"].split(",") == sorted(
+        "mserp_" + f.fo.lower() for f in TEMPLATES["loyalty-cards"].all_fields if f.fo
+    )
+    assert not found[("mserp_retailloyaltycardentity", "OnExternalCreated")].get("filteringattributes")
+    step_ids = {s["sdkmessageprocessingstepid"] for s in on_virtual}
+    assert not [i for i in sandbox.rows("sdkmessageprocessingstepimage") if i["sdkmessageprocessingstepid"] in step_ids]
+    assert (await sandbox.plan()).is_empty
+
+
+async def test_a_step_without_asyncautodelete_is_corrected_in_place(sandbox: Sandbox) -> None:
+    await sandbox.register()
+    steps = {s["name"]: s for s in sandbox.rows("sdkmessageprocessingstep")}
+    names = ("loyaltysync: Create of msdyn_loyaltycard", "loyaltysync: OnExternalDeleted of mserp_loyaltylevelentity")
+    for name in names:
+        await sandbox.client.update_by_id(
+            "sdkmessageprocessingsteps", steps[name]["sdkmessageprocessingstepid"], {"asyncautodelete": False}
+        )
+
+    plan = await sandbox.plan()
+
+    assert sorted((a.kind, a.entity, a.name) for a in plan.actions) == [
+        ("update", "step", "loyaltysync: Create of msdyn_loyaltycard"),
+        ("update", "step", "loyaltysync: OnExternalDeleted of mserp_loyaltylevelentity"),
+    ]
+    assert all(a.fields == {"asyncautodelete": True} for a in plan.actions)
+    assert all(line.endswith("asyncautodelete: False -> True") for line in plan.describe())
+    await webhooks.apply(sandbox.client, plan)
+    assert all(s["asyncautodelete"] is True for s in sandbox.rows("sdkmessageprocessingstep"))
+    assert {s["sdkmessageprocessingstepid"] for s in sandbox.rows("sdkmessageprocessingstep")} == {
+        s["sdkmessageprocessingstepid"] for s in steps.values()
+    }
+    assert (await sandbox.plan()).is_empty
+
+
+async def test_without_fo_data_events_only_the_virtual_table_endpoints_go(sandbox: Sandbox) -> None:
+    await sandbox.register()
+
+    plan = await sandbox.plan(fo_data_events=False)
+
+    n = len(TEMPLATES)
+    assert {a.kind for a in plan.actions} == {"delete"}
+    counts = (plan.count("delete", "endpoint"), plan.count("delete", "step"), plan.count("delete", "image"))
+    assert counts == (n, 3 * n, 0)
+    assert all(a.name.endswith(".fo") for a in plan.actions if a.entity == "endpoint")
+    await webhooks.apply(sandbox.client, plan)
+    assert sorted(e["name"] for e in sandbox.rows("serviceendpoint")) == sorted(f"loyaltysync-{t}" for t in TEMPLATES)
+    assert (await sandbox.plan(fo_data_events=False)).is_empty
+
+
+async def test_a_virtual_table_dataverse_does_not_have_is_a_config_error(sandbox: Sandbox) -> None:
+    data = TEMPLATES["loyalty-levels"].model_dump()
+    data["fo"]["virtual_table"] = "mserp_nosuchentity"
+    hidden = Template.model_validate(data)
+
+    with pytest.raises(ConfigError) as caught:
+        await sandbox.plan({"loyalty-levels": hidden})
+    assert "mserp_nosuchentity" in str(caught.value)
+    assert "OnExternalCreated" in str(caught.value)
+    assert (await sandbox.plan({"loyalty-levels": hidden}, fo_data_events=False)).count("create", "endpoint") == 1

@@ -80,7 +80,8 @@ async def run_sandbox(
     dv_socket = _bind(host, dataverse_port)
     fo_url, dv_url = _public_url(host, fo_socket), _public_url(host, dv_socket)
     fo_app = fno.create_app(token=token, seed=seed, templates=templates, public_url=fo_url)
-    dv_app = dataverse.create_app(token=token, seed=seed, templates=templates, public_url=dv_url)
+    # The Dataverse emulator's F&O connection: steps on virtual tables activate data events there.
+    dv_app = dataverse.create_app(token=token, seed=seed, templates=templates, public_url=dv_url, fno_url=fo_url)
 
     servers = [
         _Server(uvicorn.Config(drop_aware(fo_app), log_level="warning", lifespan="on")),

@@ -116,7 +116,8 @@ async def main() -> None:
     fo_port, dv_port = free_port(), free_port()
     fo_app = fno.create_app(token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{fo_port}")
     dv_app = dataverse.create_app(
-        token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{dv_port}", limits=CHAOS_LIMITS
+        token=token, seed=seed, templates=templates, public_url=f"http://127.0.0.1:{dv_port}", limits=CHAOS_LIMITS,
+        fno_url=f"http://127.0.0.1:{fo_port}",  # F&O data events reach the function through the virtual tables
     )
     tally = CreateTally()
     tally.watch_fo(fo_app)

@@ -18,19 +18,46 @@ pytestmark = pytest.mark.e2e
 CARDS = "loyalty-cards"
 FO_CARDS, DV_CARDS = "RetailLoyaltyCards", "msdyn_loyaltycards"
 BUSINESS_EVENT_ID = "LoyaltyCardChangedBusinessEvent"
+CARDS_VIRTUAL_TABLE = "mserp_retailloyaltycardentity"
+DATA_EVENT_MESSAGES = ("OnExternalCreated", "OnExternalUpdated", "OnExternalDeleted")
+
+
+async def _card_data_event_steps(e2e: E2E) -> list[dict[str, Any]]:
+    """The steps `register-webhooks` put on the cards' virtual table (OnExternalCreated/Updated/Deleted)."""
+    names = [f"loyaltysync: {message} of {CARDS_VIRTUAL_TABLE}" for message in DATA_EVENT_MESSAGES]
+    where = " or ".join(f"name eq '{name}'" for name in names)
+    steps: list[dict[str, Any]] = []
+    async for page in e2e.dv.query("sdkmessageprocessingsteps", select=["sdkmessageprocessingstepid"], filter=where):
+        steps.extend(page)
+    return steps
+
+
+async def _card_data_events_in_fo(e2e: E2E) -> list[dict[str, Any]]:
+    listed = (await e2e.fo_admin.get("/_admin/subscriptions")).json()["value"]
+    return [s for s in listed if s["entity_set"] == FO_CARDS and s["format"] == "data-event"]
 
 
 @pytest.fixture
 async def business_events_only(e2e: E2E) -> AsyncIterator[E2E]:
-    """F&O card changes delivered as business events instead of data events; restored afterwards."""
-    listed = (await e2e.fo_admin.get("/_admin/subscriptions")).json()["value"]
-    data_events = [s for s in listed if s["entity_set"] == FO_CARDS and s["format"] == "data-event"]
-    assert data_events, "the stack subscribes F&O data events for every template"
-    for subscription in data_events:
-        assert (await e2e.fo_admin.delete(f"/_admin/subscriptions/{subscription['id']}")).status_code == 204
+    """F&O card changes delivered as business events instead of data events; restored afterwards.
+
+    As in Power Platform, disabling the steps on the cards' virtual table deactivates the
+    data events in F&O; the business events then go straight to the function's HTTPS route.
+    """
+    steps = await _card_data_event_steps(e2e)
+    assert len(steps) == 3, "register-webhooks puts three steps on every template's virtual table"
+    for step in steps:
+        await e2e.dv.update_by_id(
+            "sdkmessageprocessingsteps", step["sdkmessageprocessingstepid"], {"statecode": 1, "statuscode": 2}
+        )
+    assert await _card_data_events_in_fo(e2e) == []
     added = await e2e.fo_admin.post(
         "/_admin/subscriptions",
-        json={"entity_set": FO_CARDS, "url": data_events[0]["url"], "format": "business-event"},
+        json={
+            "entity_set": FO_CARDS,
+            "url": f"{e2e.stack.function_url}/api/fo/{CARDS}?code={e2e.function_key}",
+            "format": "business-event",
+        },
     )
     assert added.status_code == 201, added.text
     try:
@@ -38,12 +65,11 @@ async def business_events_only(e2e: E2E) -> AsyncIterator[E2E]:
     finally:
         await e2e.settle()
         await e2e.fo_admin.delete(f"/_admin/subscriptions/{added.json()['id']}")
-        for subscription in data_events:
-            restored = await e2e.fo_admin.post(
-                "/_admin/subscriptions",
-                json={key: subscription[key] for key in ("entity_set", "url", "events", "format", "headers")},
+        for step in steps:
+            await e2e.dv.update_by_id(
+                "sdkmessageprocessingsteps", step["sdkmessageprocessingstepid"], {"statecode": 0, "statuscode": 1}
             )
-            assert restored.status_code == 201, restored.text
+        assert [s["events"] for s in await _card_data_events_in_fo(e2e)] == [["Created", "Updated", "Deleted"]]
 
 
 async def test_fo_data_events_as_remote_execution_context(e2e: E2E, observed: Observed) -> None:
@@ -58,6 +84,15 @@ async def test_fo_data_events_as_remote_execution_context(e2e: E2E, observed: Ob
     fo_events = observed.events(CARDS, key, "fo")
     assert {e.wire_format for e in fo_events} == {"fo-data-event"}
     assert {e.operation for e in fo_events} == {"create", "update", "delete"}
+    # They came the Power Platform way: F&O -> the Dataverse virtual table -> the registered steps' webhooks.
+    [subscription] = await _card_data_events_in_fo(e2e)
+    assert subscription["url"] == f"{e2e.stack.dataverse.url}/_admin/fno/data-events"
+    deliveries = (await e2e.dv_admin.get("/_admin/webhooks/log", params={"limit": "1000"})).json()["deliveries"]
+    through_dataverse = {d["message"] for d in deliveries if d["table"] == CARDS_VIRTUAL_TABLE}
+    assert through_dataverse == set(DATA_EVENT_MESSAGES)
+    assert {d["url"] for d in deliveries if d["table"] == CARDS_VIRTUAL_TABLE} == {
+        f"{e2e.stack.function_url}/api/fo/{CARDS}"
+    }
 
 
 async def test_fo_business_events(business_events_only: E2E, observed: Observed) -> None:

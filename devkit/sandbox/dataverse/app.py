@@ -10,6 +10,9 @@ Admin extras:
   `{"rows": [...]}`): bulk seed, validated like the API but bypassing webhooks
   and service protection; all or nothing. Answers `{"inserted": n}`.
 - `GET /_admin/webhooks/log?limit=N`: the webhook deliveries submitted, newest last.
+- `POST /_admin/fno/data-events`: where F&O posts data events (a RemoteExecutionContext of a
+  virtual table); raised on the virtual table's OnExternal* steps. `GET /_admin/fno/link`: the
+  F&O URL, the data events active there and the last activation error (see `virtual`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from devkit.sandbox.dataverse.pipeline import ApiMiddleware
 from devkit.sandbox.dataverse.protection import Limiter, ServiceProtectionLimits
 from devkit.sandbox.dataverse.seed import INTEGRATION_USER
 from devkit.sandbox.dataverse.values import coerce
+from devkit.sandbox.dataverse.virtual import DataEventLink, add_virtual_tables, virtual_tables
 from devkit.sandbox.dataverse.webhooks import Dispatcher
 from devkit.sandbox.store import DuplicateKey
 from loyaltysync.templates import Template
@@ -94,6 +98,7 @@ def create_app(
     faults: Faults | None = None,
     limits: ServiceProtectionLimits | None = None,
     client_factory: Callable[[], httpx.AsyncClient] | None = None,
+    fno_url: str | None = None,
 ) -> Starlette:
     """The Dataverse Web API emulator.
 
@@ -105,19 +110,27 @@ def create_app(
     `app.state.sandbox`, the webhook dispatcher `app.state.webhooks` and the
     service-protection limiter `app.state.limiter`. `client_factory` gives the
     HTTP client webhooks are sent with (tests pass one with an in-process transport).
+    Templates whose F&O side names a virtual table get it (`virtual`); with `fno_url`
+    (the F&O emulator, same token) steps registered on its OnExternal* messages
+    activate the data events there, as the F&O connection does (`app.state.fno_link`).
     """
     org = Organization(public_url=public_url or DEFAULT_PUBLIC_URL, templates=(templates or {}).values())
     state = SandboxState(
         name="dataverse", token=token, faults=faults or Faults(), seed=seed, client_factory=client_factory
     )
     dispatcher = Dispatcher(org, state.delivery)
+    tables = virtual_tables((templates or {}).values())
+    add_virtual_tables(org, tables)
+    # Through the delivery's factory, read at call time: tests swap it after the app is built.
+    link = DataEventLink(org, dispatcher, tables, token=token, fno_url=fno_url,
+                         client_factory=lambda: state.delivery.client_factory())
     limits = limits or ServiceProtectionLimits()
     limiter = Limiter(limits)
 
     def transaction() -> AbstractContextManager[Any]:
         return change_set(org)
 
-    api = ApiMiddleware(DataverseApi(org, limits.costs, transaction), org, limiter, dispatcher)
+    api = ApiMiddleware(DataverseApi(org, limits.costs, transaction), org, limiter, dispatcher, link.sync)
 
     async def not_found(request: Request) -> Response:
         return render(segment_not_found(request.url.path.rsplit("/", 1)[-1]))
@@ -129,7 +142,7 @@ def create_app(
 
     app = Starlette(
         routes=[
-            *admin_routes(state, _admin_extras(org, dispatcher)),
+            *admin_routes(state, [*_admin_extras(org, dispatcher), *link.routes()]),
             Mount(API_PATH, app=api),
             Route("/{path:path}", not_found, methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
         ],
@@ -139,6 +152,7 @@ def create_app(
     app.state.dataverse = org
     app.state.sandbox = state
     app.state.webhooks = dispatcher
+    app.state.fno_link = link
     app.state.limiter = limiter
     app.state.integration_user_id = INTEGRATION_USER.systemuserid
     return app

@@ -9,12 +9,16 @@ Runs inside `SandboxMiddleware` (so the bearer token is already checked):
 3. a `RequestScope` shared with `$batch` parts (they come back through the
    whole app marked as sub-requests and pass straight through here);
 4. once the response has been sent, the request's committed changes go to the
-   webhook dispatcher.
+   webhook dispatcher;
+5. a request that changed the webhook registration awaits `on_registration`
+   (F&O data-event activation, `virtual.DataEventLink.sync`) before its
+   response starts, so a registration is in force once its answer arrives.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -59,11 +63,19 @@ def identify(org: Organization, headers: Headers) -> request_scope.Caller:
 class ApiMiddleware:
     """Pure ASGI middleware for `/api/data/v9.2/...` (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, org: Organization, limiter: Limiter, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        org: Organization,
+        limiter: Limiter,
+        dispatcher: Dispatcher,
+        on_registration: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.app = app
         self.org = org
         self.limiter = limiter
         self.dispatcher = dispatcher
+        self.on_registration = on_registration
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get(SUBREQUEST_SCOPE_KEY):
@@ -81,9 +93,12 @@ class ApiMiddleware:
             await error_response(429, rejection.code, rejection.message, headers)(scope, receive, send)
             return
         current = request_scope.RequestScope(caller)
+        registration = self.org.registration_version
 
         async def with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if self.on_registration is not None and self.org.registration_version != registration:
+                    await self.on_registration()
                 headers = MutableHeaders(scope=message)
                 for name, value in self.limiter.headers(user).items():
                     headers[name] = value

@@ -85,6 +85,9 @@ class TableDef:
     display_name: str = ""
     # Whether CreateMultiple / UpdateMultiple / UpsertMultiple have sdkmessagefilters for this table.
     bulk: bool = False
+    # EntityMetadata.TableType ("Virtual" for an F&O virtual table) and, for those, the F&O entity's name.
+    table_type: str = "Standard"
+    external_name: str | None = None
     # Lookup navigation property name -> column.
     navigation: dict[str, Column] = field(init=False)
     # `_x_value` read name -> column, plus plain names of non-lookups.
