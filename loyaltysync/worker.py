@@ -1,12 +1,19 @@
 """Queue-triggered work: apply one change, park what cannot be applied, drain poison queues.
 
-The retry rule: a transient failure (throttling, outage, a lost state race)
-raises, so the queue redelivers the message after the visibility timeout; on
-the last allowed attempt the reason is parked first, then the host moves the
-message to `<queue>-poison`, which `drain_poison` turns into the same dead
-letter (after one last try when no attempt recorded a reason: their processes
-died). A permanent failure (a mapping error, a 4xx from a target) is parked at
-once and the message completes, so one bad record never blocks the others.
+The retry rule (docs/retries.md): a transient failure (throttling, an outage of
+either side or of Storage, a lost state race) does not fail the message. The
+worker puts the same change back on its queue, invisible for the back-off of
+`loyaltysync.retries` (never shorter than the service's Retry-After), and the
+message completes; the change is parked only when RETRY_BUDGET_SECONDS have
+passed since its first failure. A permanent failure (a mapping error, a 4xx
+from a target) is parked at once, so one bad record never blocks the others.
+
+The host's own retry stays the safety net: when the change cannot be put back
+(Storage refuses) the message fails and the queue redelivers it after
+host.json's visibilityTimeout; the last allowed attempt parks the reason first,
+then the host moves the message to `<queue>-poison`, which `drain_poison` turns
+into the same dead letter (after one last try when no attempt recorded a
+reason: their processes died).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from loyaltysync import telemetry
 from loyaltysync.errors import MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.mapping import parse_datetime
+from loyaltysync.retries import GiveUp, RetrySchedule, RetryState, read_message, with_retry
 from loyaltysync.runtime import Runtime
 from loyaltysync.state import dead_letter_id
 from loyaltysync.sync import RECORD_BUSY, WHOLE_RECORD, Outcome
@@ -60,31 +68,49 @@ def max_dequeue_count(host_json: Path = Path("host.json")) -> int:
 
 
 async def handle_change(
-    runtime: Runtime, body: str, *, dequeue_count: int = 1, max_dequeue: int = 5, host_traceparent: str | None = None
+    runtime: Runtime,
+    body: str,
+    *,
+    dequeue_count: int = 1,
+    max_dequeue: int = 5,
+    host_traceparent: str | None = None,
+    last_try: bool = False,
 ) -> Outcome | None:
-    """Process one queue message (ChangeEvent JSON). Returns the outcome, or None when parked/held.
+    """Process one queue message (a change, maybe retried). Returns the outcome, or None when the
+    change was parked, held or put back for a later attempt.
 
     Traced as a span continuing the trace the event carries from the inbound request
-    (`host_traceparent`, the host's invocation, is linked).
+    (`host_traceparent`, the host's invocation, is linked). Returns normally when a transient
+    failure put the change back on the queue; raises only when it could not be put back. `last_try`
+    (the poison queue's) parks a transient failure instead, and raises.
     """
     try:
-        event = ChangeEvent.from_json(body)
+        event, retry = read_message(body)
     except (ValueError, TypeError) as exc:
         await runtime.dead_letters.park(
             "(unknown)", "fo", "(unreadable)", f"unreadable queue message: {exc}", "UnreadableMessage", body, ""
         )
         return None
-    with telemetry.current().change_span(event, attempt=dequeue_count, host_traceparent=host_traceparent):
-        return await _handle_event(runtime, event, body, dequeue_count, max_dequeue)
+    attempt = (retry.attempts if retry else 0) + dequeue_count
+    with telemetry.current().change_span(event, attempt=attempt, host_traceparent=host_traceparent):
+        return await _handle_event(runtime, event, body, retry, dequeue_count, max_dequeue, last_try=last_try)
 
 
 async def _handle_event(
-    runtime: Runtime, event: ChangeEvent, body: str, dequeue_count: int, max_dequeue: int
+    runtime: Runtime,
+    event: ChangeEvent,
+    body: str,
+    retry: RetryState | None,
+    dequeue_count: int,
+    max_dequeue: int,
+    *,
+    last_try: bool,
 ) -> Outcome | None:
     recorder = telemetry.current()
     if await runtime.paused(event.template):
-        # Held, not applied: put it back for later. Requeued messages never expire.
-        await runtime.enqueue(event.template, body, delay_s=runtime.settings.pause_recheck_seconds)
+        # Held, not applied: put it back for later. A hold is no failed attempt: after a resume the
+        # change starts a fresh retry budget (a pause for a long maintenance must not park it).
+        await _requeue(runtime, event.template, body, None, runtime.settings.pause_recheck_seconds)
         recorder.held(event)
         log.info(
             "template %s is paused; event %s held",
@@ -102,8 +128,8 @@ async def _handle_event(
     except TargetError as exc:
         if exc.code == RECORD_BUSY:
             # Another instance is writing the record (or died doing so): back on the queue for when its
-            # intent is old enough to judge, without spending one of the message's attempts.
-            await runtime.enqueue(event.template, body, delay_s=max(1, math.ceil(exc.retry_after or 1)))
+            # intent is old enough to judge, without spending one of the change's attempts.
+            await _requeue(runtime, event.template, body, retry, max(1, math.ceil(exc.retry_after or 1)))
             recorder.retrying(event, RECORD_BUSY)
             log.info("%s %s is busy elsewhere; event %s re-queued", event.template, event.key_text, event.event_id,
                      extra=recorder.log_extra(event, decision="retrying"))
@@ -111,26 +137,87 @@ async def _handle_event(
         if not exc.transient:
             await _park(runtime, event, str(exc), exc.code or str(exc.status), status=exc.status)
             return None
-        if dequeue_count >= max_dequeue:
-            await _park(
-                runtime,
-                event,
-                f"gave up after {dequeue_count} attempts: {exc}",
-                exc.code or str(exc.status),
-                status=exc.status,
-            )
-        else:
-            recorder.retrying(event, exc.code or str(exc.status))
-        raise
+        if last_try:
+            attempts = (retry.attempts if retry else 0) + dequeue_count
+            await _park(runtime, event, f"gave up after {attempts} attempts: {exc}", exc.code or str(exc.status),
+                        status=exc.status)
+            raise
+        await _retry_later(runtime, event, body, retry, exc, dequeue_count, max_dequeue)
+        return None
     if event.wire_format != "recheck" and any(c["winner"] is None for c in outcome.conflicts):
         await _recheck_later(runtime, event, outcome)
     await _succeeded(runtime, event, outcome)
     return outcome
 
 
+async def _retry_later(
+    runtime: Runtime,
+    event: ChangeEvent,
+    body: str,
+    retry: RetryState | None,
+    exc: TargetError,
+    dequeue_count: int,
+    max_dequeue: int,
+) -> None:
+    """A transient failure: the change goes back on the queue after its back-off, or is parked when its
+    retry budget is spent. Raises `exc` when the change cannot be put back, for the host's retry."""
+    recorder = telemetry.current()
+    code = exc.code or str(exc.status)
+    verdict = retry_schedule(runtime).after_failure(retry, datetime.now(UTC), str(exc), exc.retry_after)
+    if isinstance(verdict, GiveUp):
+        reason = f"gave up after {verdict.state.attempts} attempts in {_duration(verdict.waited_s)}: {exc}"
+        await _park(runtime, event, reason, code, status=exc.status)
+        return
+    try:
+        await _requeue(runtime, event.template, body, verdict.state, verdict.delay_s)
+    except Exception as failure:  # Storage refused the new message: the host's retry is the safety net
+        log.warning("event %s could not be put back on the queue (%s); the queue will redeliver it",
+                    event.event_id, failure, extra=recorder.log_extra(event, decision="retrying", code=code))
+        if dequeue_count >= max_dequeue:
+            reason = f"gave up after {(retry.attempts if retry else 0) + dequeue_count} attempts: {exc}"
+            await _park(runtime, event, reason, code, status=exc.status)
+        else:
+            recorder.retrying(event, code)
+        raise exc from failure
+    recorder.retrying(event, code)
+    log.info(
+        "%s %s failed (%s, attempt %d); retrying in %d s",
+        event.template,
+        recorder.redactor.key(event.key_text or event.row_id or "?"),
+        code,
+        verdict.state.attempts,
+        verdict.delay_s,
+        extra=recorder.log_extra(event, decision="retrying", code=code, target_status=exc.status),
+    )
+
+
+def retry_schedule(runtime: Runtime) -> RetrySchedule:
+    """The back-off and retry budget of RETRY_BASE_SECONDS, RETRY_MAX_SECONDS and RETRY_BUDGET_SECONDS."""
+    settings = runtime.settings
+    return RetrySchedule(
+        base_s=settings.retry_base_seconds,
+        max_s=settings.retry_max_seconds,
+        budget_s=settings.retry_budget_seconds,
+    )
+
+
+async def _requeue(runtime: Runtime, template: str, body: str, retry: RetryState | None, delay_s: int) -> None:
+    """Put a change back on its template's queue, invisible for `delay_s` seconds, carrying `retry`.
+
+    The one way a change goes back on the queue (a hold, a busy record, a transient failure, a
+    re-check): the change itself is kept as it came, so its ids and trace context go with it.
+    """
+    await runtime.enqueue(template, with_retry(body, retry), delay_s=delay_s)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 async def _process(runtime: Runtime, event: ChangeEvent) -> Outcome:
     """Apply the event; Storage that cannot be reached (after the SDK's own retries) is a transient
-    failure like an unreachable target: the message is tried again, and parked after the last attempt."""
+    failure like an unreachable target: the change is tried again later, like any transient failure."""
     try:
         return await runtime.engine.process(event, live=event.wire_format not in ("reconcile", "recheck"))
     except (ServiceRequestError, ServiceResponseError) as exc:
@@ -167,7 +254,7 @@ async def _recheck_later(runtime: Runtime, event: ChangeEvent, outcome: Outcome)
         modified_on=utc_now(),
         wire_format="recheck",
     )
-    await runtime.enqueue(event.template, recheck.to_json(), delay_s=delay)
+    await _requeue(runtime, event.template, recheck.to_json(), None, delay)
 
 
 def _age_seconds(moment: str | None) -> float:
@@ -248,7 +335,7 @@ async def drain_poison(runtime: Runtime, body: str, *, dequeue_count: int = 1, m
     kill this one forever), and is parked only if that try fails too, with that failure's reason.
     """
     try:
-        event = ChangeEvent.from_json(body)
+        event, _ = read_message(body)
     except (ValueError, TypeError) as exc:
         await runtime.dead_letters.park(
             "(unknown)", "fo", "(unreadable)", f"unreadable poison message: {exc}", "UnreadableMessage", body, ""
@@ -262,13 +349,14 @@ async def drain_poison(runtime: Runtime, body: str, *, dequeue_count: int = 1, m
                     event.template)
         try:
             last = max_dequeue + 1
-            await handle_change(runtime, body, dequeue_count=last, max_dequeue=last)
+            await handle_change(runtime, body, dequeue_count=last, max_dequeue=last, last_try=True)
             return
         except Exception as exc:  # a transient failure was parked with its reason; anything else is below
             if await runtime.dead_letters.get(dead_letter_id(event.template, event.side, key)) is not None:
                 return
             reason = f"{reason}; the last try failed: {exc}"
-    await runtime.dead_letters.park(event.template, event.side, key, reason, "Poison", body, event.event_id)
+    payload = with_retry(body, None)  # the change as it came: replay reads it like any dead letter
+    await runtime.dead_letters.park(event.template, event.side, key, reason, "Poison", payload, event.event_id)
 
 
 async def replay(runtime: Runtime, *, template: str | None = None, key: str | None = None) -> int:
@@ -281,7 +369,7 @@ async def replay(runtime: Runtime, *, template: str | None = None, key: str | No
         if entry.template not in runtime.templates:
             continue
         try:
-            event = ChangeEvent.from_json(entry.payload)
+            event, _ = read_message(entry.payload)
         except (ValueError, TypeError):
             continue
         # Replays re-read both sides: the parked payload may be older than what they hold now.

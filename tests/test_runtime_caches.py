@@ -30,6 +30,7 @@ from devkit.devhost.storage import _transport as devhost_transport
 from loyaltysync import operations, worker
 from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
+from loyaltysync.retries import RetryState, with_retry
 from loyaltysync.runtime import SUCCESS_SCOPE, LatestDocuments, Runtime, build_runtime, storage_transport
 from loyaltysync.settings import load_settings
 from loyaltysync.state import MemoryControlStore
@@ -257,11 +258,11 @@ def test_proxy_settings_are_read_once_unless_a_proxy_is_configured(make: Callabl
 # ------------------------------------------------------------------ storage outages
 
 
-async def test_unreachable_storage_is_a_transient_failure_retried_then_parked(
+async def test_unreachable_storage_is_a_transient_failure_retried_later_then_parked(
     make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The SDK gave up (connection reset, Storage down): the message is retried like any transient
-    target failure, with the reason, and parked on the last attempt instead of failing without one."""
+    """The SDK gave up (connection reset, Storage down): the change is retried later like any transient
+    target failure, with the reason, and parked once its retry budget is spent."""
     runtime = await make_runtime()
 
     async def unreachable(template: str, key: str) -> None:
@@ -270,16 +271,16 @@ async def test_unreachable_storage_is_a_transient_failure_retried_then_parked(
     monkeypatch.setattr(runtime.state, "get", unreachable)
     event = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-OUT"})
 
-    with pytest.raises(TargetError) as raised:
-        await worker.handle_change(runtime, event.to_json(), dequeue_count=1, max_dequeue=2)
-    assert raised.value.transient and raised.value.code == "StorageUnreachable"
+    assert await worker.handle_change(runtime, event.to_json(), dequeue_count=1, max_dequeue=2) is None
     assert await runtime.dead_letters.list() == []
+    props = await runtime.queue(CARDS).get_queue_properties()
+    assert props.approximate_message_count == 1  # the change, back on the queue for later
 
-    with pytest.raises(TargetError):
-        await worker.handle_change(runtime, event.to_json(), dequeue_count=2, max_dequeue=2)
+    spent = RetryState(9, datetime.now(UTC) - timedelta(seconds=runtime.settings.retry_budget_seconds), "")
+    assert await worker.handle_change(runtime, with_retry(event.to_json(), spent)) is None
     (letter,) = await runtime.dead_letters.list()
     assert (letter.key, letter.error_code) == ("C-OUT", "StorageUnreachable")
-    assert "Connection reset by peer" in letter.reason
+    assert "gave up after 10 attempts" in letter.reason and "Connection reset by peer" in letter.reason
 
 
 async def test_a_record_another_instance_is_writing_is_requeued_without_spending_an_attempt(

@@ -216,3 +216,35 @@ async def test_message_encoding_none_reads_and_writes_plain_text(
     await eventually(relayed)
     assert importlib.import_module(module).SEEN == ['{"plain": "text"}']
     assert [message.content for message in await outbound.peek_messages()] == ['{"PLAIN": "TEXT"}']
+
+
+DELAYED_APP = """
+import azure.functions as func
+
+app = func.FunctionApp()
+CALLS = []
+
+@app.queue_trigger(arg_name="msg", queue_name="%JOBS%", connection="AzureWebJobsStorage")
+def job(msg: func.QueueMessage) -> None:
+    CALLS.append((msg.get_body().decode(), msg.dequeue_count))
+"""
+
+
+async def test_a_message_the_sender_made_invisible_runs_only_once_its_visibility_timeout_has_passed(
+    write_app: Callable[[str], str], start_host: StartHost, raw_queue: QueueOpener, unique_name: str
+) -> None:
+    """Put Message's `visibilitytimeout`, as Azure Storage queues keep it: the listener never sees the
+    message before then (the worker's back-off depends on it), and sees it as a first delivery after."""
+    module = write_app(DELAYED_APP)
+    jobs = await raw_queue(f"delayed-{unique_name}")
+    await jobs.send_message(b64("in an hour"), visibility_timeout=3600)
+    await jobs.send_message(b64("in a second"), visibility_timeout=1)
+    await jobs.send_message(b64("now"))
+    await start_host(module, settings={"JOBS": f"delayed-{unique_name}"}, host_json=fast_polling())
+    calls = importlib.import_module(module).CALLS
+
+    await eventually(lambda: len(calls) == 2)
+    assert sorted(calls) == [("in a second", 1), ("now", 1)]
+    props = await jobs.get_queue_properties()
+    assert props.approximate_message_count == 1  # "in an hour" is still there, invisible
+    assert [message async for message in jobs.receive_messages(visibility_timeout=1)] == []

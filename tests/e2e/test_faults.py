@@ -76,10 +76,10 @@ async def test_duplicated_and_reordered_deliveries(faults: E2E) -> None:
 async def test_dataverse_outage_of_30_s_loses_nothing(faults: E2E) -> None:
     """F&O keeps changing while Dataverse answers 503 to everything for 30 s.
 
-    Recovery path: the queue. Each failed attempt (the client's own retries exhausted)
-    raises, the message becomes visible again after host.json's visibilityTimeout and is
-    retried, up to maxDequeueCount; 5 attempts of ~5-12 s each outlast the outage, so
-    nothing may be parked.
+    Recovery path: the worker's back-off (docs/retries.md). Each failed attempt (the client's
+    own retries exhausted) puts the change back on its queue for 5, 10, 20, ... s with the
+    default settings, so nothing may be parked; tests/e2e/test_long_faults.py has faults
+    longer than the queue's own retry ever reached.
     """
     e2e = faults
     keys = await _synced_cards(e2e, "OUT", 4)
