@@ -27,6 +27,7 @@ from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
+from loyaltysync.lag import LagWindow
 from loyaltysync.settings import CredentialKind, Settings, load_settings
 from loyaltysync.state import ControlStore, DeadLetterStore, StateStore
 from loyaltysync.state_tables import TableStorage, async_transport
@@ -131,6 +132,7 @@ class Runtime:
     _queues_ready: set[str] = field(default_factory=set)
     _pause_cache: dict[str, tuple[bool, float]] = field(default_factory=dict)
     _successes: LatestDocuments | None = None
+    lag: LagWindow = field(default_factory=LagWindow)  # how far behind each template's queue runs (lag.py)
 
     @property
     def successes(self) -> LatestDocuments:

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -119,6 +120,10 @@ async def _handle_event(
             extra=recorder.log_extra(event, decision="held"),
         )
         return None
+    if event.wire_format == "recheck" and await _recheck_waits(runtime, event, body):
+        return None
+    if event.wire_format not in ("recheck", "reconcile") and retry is None and dequeue_count == 1:
+        runtime.lag.observe(event.template, _age_seconds(event.received_at), time.monotonic())
     try:
         outcome = await _process(runtime, event)
     except MappingError as exc:
@@ -255,6 +260,24 @@ async def _recheck_later(runtime: Runtime, event: ChangeEvent, outcome: Outcome)
         wire_format="recheck",
     )
     await _requeue(runtime, event.template, recheck.to_json(), None, delay)
+
+
+async def _recheck_waits(runtime: Runtime, event: ChangeEvent, body: str) -> bool:
+    """A re-check comes due while the queue runs behind: put it back until the events on their way at
+    the deferral have had the time the queue needs now (the grace plus its recent lag, lag.py), so an F&O
+    edit made before the deferral is dated by its own event before the conflict is decided. Never past
+    MAX_RECHECK_DELAY_S after the deferral; True when put back."""
+    since = _age_seconds(event.modified_on)
+    behind = runtime.lag.recent(event.template, time.monotonic())
+    needed = runtime.settings.conflict_grace_seconds + behind
+    if since >= needed or since >= MAX_RECHECK_DELAY_S:
+        return False
+    wait = max(1, math.ceil(min(needed, MAX_RECHECK_DELAY_S) - since))
+    await _requeue(runtime, event.template, body, None, wait)
+    log.info("%s %s: re-check waits %d s more (the queue runs %.0f s behind)", event.template,
+             telemetry.current().redactor.key(event.key_text or event.row_id or "?"), wait, behind,
+             extra=telemetry.current().log_extra(event, decision="held"))
+    return True
 
 
 def _age_seconds(moment: str | None) -> float:

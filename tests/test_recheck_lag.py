@@ -1,0 +1,135 @@
+"""A deferred conflict's re-check waits while the queue runs behind (loyaltysync/lag.py).
+
+The case the chaos run found: an agent's edit in Dataverse, then an F&O user's later edit of the
+same field; the conflict is deferred (F&O's time is only a lower bound until its event is taken),
+and the re-check came due while the F&O event still sat behind a backlog longer than the grace:
+the older Dataverse edit won. The re-check now waits for the grace plus the queue's recent lag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from devkit.azurite import Azurite
+from loyaltysync import worker
+from loyaltysync.events.model import ChangeEvent
+from loyaltysync.lag import LagWindow
+from loyaltysync.runtime import Runtime, build_runtime
+from loyaltysync.settings import load_settings
+from loyaltysync.sync import Outcome
+from loyaltysync.templates import default_mappings_dir, load_templates
+
+TEMPLATES = load_templates(default_mappings_dir())
+CARDS = "loyalty-cards"
+
+
+def _ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+
+def test_the_window_keeps_the_largest_recent_lag_per_template_and_forgets_old_ones() -> None:
+    window = LagWindow(window_s=60)
+    assert window.recent(CARDS, 0.0) == 0.0
+    window.observe(CARDS, 40.0, now=100.0)
+    window.observe(CARDS, 2.0, now=130.0)
+    window.observe("loyalty-levels", 90.0, now=130.0)
+    assert window.recent(CARDS, 130.0) == 40.0
+    assert window.recent(CARDS, 161.0) == 2.0  # the 40 s sample is older than the window
+    assert window.recent(CARDS, 191.0) == 0.0
+    assert window.recent("loyalty-levels", 131.0) == 90.0
+    window.observe(CARDS, -3.0, now=200.0)  # a receipt stamped by a clock ahead: no negative lag
+    assert window.recent(CARDS, 200.0) == 0.0
+
+
+@pytest.fixture
+async def runtime(azurite: Azurite, unique_name: str) -> AsyncIterator[Runtime]:
+    environ = {
+        "FNO_URL": "http://fo.test",
+        "DATAVERSE_URL": "http://dataverse.test",
+        "LOYALTYSYNC_SANDBOX_TOKEN": "recheck-test-token",
+        "AzureWebJobsStorage": azurite.connection_string,
+        "QUEUE_PREFIX": unique_name,
+        "STATE_TABLE": f"{unique_name}state",
+        "DEADLETTER_TABLE": f"{unique_name}dead",
+        "CONTROL_TABLE": f"{unique_name}control",
+        "CONFLICT_GRACE_SECONDS": "3",
+    }
+    built = build_runtime(load_settings(environ), TEMPLATES)
+    yield built
+    await built.aclose()
+
+
+def _recheck(deferred_seconds_ago: float) -> ChangeEvent:
+    return ChangeEvent(
+        template=CARDS, side="dataverse", operation="update", key={"CardNumber": "C-LAG"},
+        fields={"CardTenderType": "AsCardTender"}, complete=False, modified_on=_ago(deferred_seconds_ago),
+        wire_format="recheck",
+    )
+
+
+def _capture(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[str, int]], list[ChangeEvent]]:
+    sent: list[tuple[str, int]] = []
+    processed: list[ChangeEvent] = []
+
+    async def enqueue(template: str, message: str, *, delay_s: int = 0) -> None:
+        sent.append((message, delay_s))
+
+    async def process(event: ChangeEvent, **kwargs: object) -> Outcome:
+        processed.append(event)
+        return Outcome(event.template, event.side, "C-LAG", "no-change")
+
+    monkeypatch.setattr(runtime, "enqueue", enqueue)
+    monkeypatch.setattr(runtime.engine, "process", process)
+    return sent, processed
+
+
+async def test_a_recheck_waits_while_the_queue_runs_further_behind_than_the_time_since_the_deferral(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent, processed = _capture(runtime, monkeypatch)
+    # The queue is 40 s behind: an F&O change taken now was received 40 s ago.
+    fo_change = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-OTHER"},
+                            received_at=_ago(40))
+    await worker.handle_change(runtime, fo_change.to_json())
+    assert [e.side for e in processed] == ["fo"]
+
+    recheck = _recheck(deferred_seconds_ago=5)  # past the 3 s grace, but not past grace + 40 s of backlog
+    assert await worker.handle_change(runtime, recheck.to_json()) is None
+    assert [e.side for e in processed] == ["fo"], "the re-check must not decide yet"
+    (message, delay), = sent
+    assert ChangeEvent.from_json(message) == recheck  # the same re-check: its deferral time is kept
+    assert 37 <= delay <= 39  # 3 s grace + 40 s lag - 5 s since the deferral
+
+
+async def test_a_recheck_decides_once_the_grace_and_the_queues_lag_have_passed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent, processed = _capture(runtime, monkeypatch)
+    await worker.handle_change(runtime, ChangeEvent(template=CARDS, side="fo", operation="update",
+                                                    key={"CardNumber": "C-OTHER"}, received_at=_ago(10)).to_json())
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=14).to_json())
+    assert [e.wire_format for e in processed][-1] == "recheck" and sent == []
+
+
+async def test_waits_on_purpose_are_not_taken_for_backlog(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-checks and reconcile passes are late by design; they say nothing of the queue's backlog."""
+    sent, processed = _capture(runtime, monkeypatch)
+    late_recheck = _recheck(deferred_seconds_ago=500)
+    await worker.handle_change(runtime, replace(late_recheck, received_at=_ago(500)).to_json())
+    reconcile = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-R"},
+                            received_at=_ago(300), wire_format="reconcile")
+    await worker.handle_change(runtime, reconcile.to_json())
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=4).to_json())
+    assert [e.wire_format for e in processed] == ["recheck", "reconcile", "recheck"] and sent == []
+
+
+async def test_a_recheck_never_waits_past_the_longest_delay(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent, processed = _capture(runtime, monkeypatch)
+    await worker.handle_change(runtime, ChangeEvent(template=CARDS, side="fo", operation="update",
+                                                    key={"CardNumber": "C-OTHER"}, received_at=_ago(3000)).to_json())
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=worker.MAX_RECHECK_DELAY_S + 1).to_json())
+    assert processed[-1].wire_format == "recheck" and sent == []
