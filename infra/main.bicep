@@ -7,7 +7,7 @@
 //     -p telemetryHashSalt=<secret, generated once and kept>
 //   func azure functionapp publish <functionAppName output>
 //
-// Settings the app reads are documented in README.md (Configuration) and docs/monitoring.md.
+// Settings the app reads are documented in docs/configuration.md and docs/monitoring.md.
 
 targetScope = 'resourceGroup'
 
@@ -41,7 +41,7 @@ param storageAccountName string = 'st${uniqueString(resourceGroup().id, appName)
 ])
 param pythonVersion string = '3.11'
 
-@description('Most instances Flex Consumption may scale out to. Dataverse service protection, not compute, is what binds (README, Scale-out).')
+@description('Most instances Flex Consumption may scale out to. Dataverse service protection, not compute, is what binds (docs/design.md, Scale-out).')
 @minValue(1)
 @maxValue(1000)
 param maximumInstanceCount int = 40

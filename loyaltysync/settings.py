@@ -1,6 +1,6 @@
 """Settings from the environment (Azure app settings, or `local.settings.json` Values locally).
 
-Every setting is documented in README.md and listed in `local.settings.sample.json`.
+Every setting is documented in docs/configuration.md and listed in `local.settings.sample.json`.
 A missing or malformed one stops start-up with a `ConfigError` naming it.
 """
 
