@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 NODE_OK := node_modules/.installed
 
-.PHONY: help demo test lint typecheck unit bench bench-core chaos sandbox dev clean
+.PHONY: help demo test lint typecheck unit bench bench-core chaos sandbox dev clean deploy-check
 
 help:
 	@echo "make demo        the whole sync, both ways, on the built-in sandbox"
@@ -12,6 +12,7 @@ help:
 	@echo "make bench-core  core path benchmark (parse + map + decide)"
 	@echo "make chaos       the chaos run with real process kills: OPS=20000 SEED=<random> by default"
 	@echo "make sandbox     start the F&O and Dataverse emulators"
+	@echo "make deploy-check what publish ships, indexed and imported in a venv from requirements.txt only"
 
 $(VENV_OK): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -53,5 +54,8 @@ sandbox: $(VENV_OK)
 demo: $(VENV_OK) $(NODE_OK)
 	$(PY) -m loyaltysync demo
 
+deploy-check: $(VENV_OK)
+	$(PY) -m devkit.deploy_check
+
 clean:
-	rm -rf .venv node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .venv .venv-deploy node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -5,12 +5,14 @@ The worker imports the script module, requires exactly one top-level
 once and sends each function's JSON metadata to the host; the host resolves
 `%SETTING%` expressions and skips functions disabled by app setting. Everything
 below works from that same metadata, so any app the worker accepts is served.
+Before that, every function goes through the worker's own checks
+(`devkit.devhost.worker_rules`): one refused function stops the start, because
+in Azure it makes the worker index no function at all.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 import sys
@@ -21,19 +23,31 @@ from typing import Any
 
 import azure.functions as func
 
+from devkit.devhost import worker_rules
 from devkit.devhost.settings import is_disabled, resolve_expressions
+from devkit.devhost.worker_rules import AppIndexError, FunctionLoadError, IndexedFunction
 from loyaltysync.errors import LoyaltySyncError
 
 RUN_TRIGGERS = frozenset({"httpTrigger", "queueTrigger", "timerTrigger"})
 RUN_OUTPUTS = frozenset({"http", "queue"})
-RETURN = "$return"
-CONTEXT = "context"
+RETURN = worker_rules.RETURN
 # Binding properties that are names, not values the host resolves `%SETTING%` in.
 _LITERAL_PROPERTIES = frozenset({"name", "type", "direction"})
 
 
 class DevHostError(LoyaltySyncError):
-    """The app cannot be indexed (import error, no app, bad function signature). Says what to fix."""
+    """The app cannot be indexed (import error, no app, bad function signature). Says what to fix.
+
+    For a signature the worker refuses, `function_name`, `parameter` and `reason` name it.
+    """
+
+    def __init__(
+        self, message: str, *, function_name: str | None = None, parameter: str | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.function_name = function_name
+        self.parameter = parameter
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -43,8 +57,7 @@ class FunctionSpec:
     name: str
     trigger: Mapping[str, Any]
     outputs: tuple[Mapping[str, Any], ...]
-    user_function: Callable[..., Any]
-    wants_context: bool
+    indexed: IndexedFunction  # what the worker registered: context, parameter converters, return binding
     disabled: bool
     not_run: str | None  # why the dev host does not run it; None when it does
 
@@ -64,9 +77,19 @@ class FunctionSpec:
         return not self.disabled and self.not_run is None
 
     @property
+    def user_function(self) -> Callable[..., Any]:
+        """The Python function the worker calls."""
+        return self.indexed.user_function
+
+    @property
+    def wants_context(self) -> bool:
+        """True when the function takes a `context` parameter that is not a binding."""
+        return self.indexed.requires_context
+
+    @property
     def is_async(self) -> bool:
         """True for `async def` functions (run on the event loop, not in the thread pool)."""
-        return inspect.iscoroutinefunction(self.user_function)
+        return self.indexed.is_async
 
     @property
     def return_binding(self) -> Mapping[str, Any] | None:
@@ -91,33 +114,47 @@ def load_app_module(module_name: str) -> ModuleType:
 
 def find_app(module: ModuleType) -> func.FunctionRegister:
     """The module's one top-level FunctionRegister. Zero or several raise DevHostError, as in the worker."""
-    apps = [value for value in vars(module).values() if isinstance(value, func.FunctionRegister)]
-    if not apps:
-        raise DevHostError(f"no top-level function app instance (func.FunctionApp) in {module.__name__}")
-    if len(apps) > 1:
-        raise DevHostError(
-            f"more than one top-level function app instance in {module.__name__}: the worker indexes exactly one"
-        )
-    return apps[0]
+    try:
+        return worker_rules.find_app(module)
+    except AppIndexError as exc:
+        raise DevHostError(str(exc)) from exc
 
 
 def index_functions(app: func.FunctionRegister, environ: Mapping[str, str]) -> list[FunctionSpec]:
-    """Call `app.get_functions()` once and turn each function's metadata into a FunctionSpec.
+    """Call `app.get_functions()` once, check every function as the worker does, and build the FunctionSpecs.
 
-    Raises DevHostError for a signature the worker would refuse, and ConfigError for a
+    Raises DevHostError naming the function, the parameter and the worker's reason for the first
+    signature the worker would refuse (the worker then indexes nothing), and ConfigError for a
     `%SETTING%` that is not set in a function the dev host runs.
     """
     # get_functions() refuses to run twice on one app (1.26 keeps the names it has seen);
     # forget them so a second dev host in the same process indexes the same app again.
     app.functions_bindings = None
-    return [_spec(function, environ) for function in app.get_functions()]
+    try:
+        functions = app.get_functions()
+    except ValueError as exc:  # duplicate function names: the library's own check, as under the worker
+        raise DevHostError(f"the worker cannot index the app: {exc}") from exc
+    checked = [_worker_checks(function) for function in functions]  # the worker, before the host reads settings
+    return [_spec(function, indexed, environ) for function, indexed in zip(functions, checked, strict=True)]
 
 
-def _spec(function: func.Function, environ: Mapping[str, str]) -> FunctionSpec:
-    name = str(function.get_function_name())
+def _worker_checks(function: func.Function) -> IndexedFunction:
+    try:
+        return worker_rules.index_function(function)
+    except FunctionLoadError as exc:
+        where = f" (parameter {exc.parameter!r})" if exc.parameter else ""
+        raise DevHostError(
+            f"the Python worker refuses function {exc.function_name!r}{where}: {exc}. "
+            "In Azure this fails the indexing of the whole app: no function would run.",
+            function_name=exc.function_name,
+            parameter=exc.parameter,
+            reason=exc.reason,
+        ) from exc
+
+
+def _spec(function: func.Function, indexed: IndexedFunction, environ: Mapping[str, str]) -> FunctionSpec:
+    name = indexed.name
     bindings: list[dict[str, Any]] = json.loads(function.get_function_json())["bindings"]
-    user_function = function.get_user_function()
-    wants_context = _check_signature(name, user_function, bindings)
     trigger = next((binding for binding in bindings if str(binding["type"]).endswith("Trigger")), None)
     if trigger is None:
         raise DevHostError(f"function {name!r} has no trigger binding")
@@ -133,31 +170,10 @@ def _spec(function: func.Function, environ: Mapping[str, str]) -> FunctionSpec:
         name=name,
         trigger=trigger,
         outputs=outputs,
-        user_function=user_function,
-        wants_context=wants_context,
+        indexed=indexed,
         disabled=disabled,
         not_run=not_run,
     )
-
-
-def _check_signature(name: str, user_function: Callable[..., Any], bindings: list[dict[str, Any]]) -> bool:
-    """The worker's rule: Python parameters and binding names must match (plus an optional `context`)."""
-    parameters = set(inspect.signature(user_function).parameters)
-    bound = {str(binding["name"]) for binding in bindings if binding["name"] != RETURN}
-    wants_context = CONTEXT in parameters and CONTEXT not in bound
-    if wants_context:
-        parameters.discard(CONTEXT)
-    if parameters - bound:
-        raise DevHostError(
-            f"function {name!r}: parameters {sorted(parameters - bound)} are declared in Python "
-            "but not in the function's bindings"
-        )
-    if bound - parameters:
-        raise DevHostError(
-            f"function {name!r}: bindings {sorted(bound - parameters)} are declared in the decorators "
-            "but not as Python parameters"
-        )
-    return wants_context
 
 
 def _not_run_reason(trigger: Mapping[str, Any], bindings: list[dict[str, Any]]) -> str | None:

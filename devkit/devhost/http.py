@@ -4,9 +4,12 @@ Requests to `/<routePrefix>/<route>` go to the most specific function whose
 route template and `methods` match; no match is a 404 with an empty body (the
 host answers a known route with a wrong method with 404 too, not 405). Then the
 key is checked for the function's `authLevel` (401, empty body), the request
-becomes a real `func.HttpRequest` (body up to the host's 100 MB limit, else
-413), and the function's `func.HttpResponse` (or str) becomes the response. An
-unhandled exception is a 500 with an empty body; the traceback goes to the log.
+becomes the host's RPC HTTP data (header names lower-cased, repeated values
+joined with ",", empty query values dropped, the body as bytes up to the host's
+100 MB limit, else 413) that the worker's converter turns into the
+`func.HttpRequest`, and the response data the worker encodes from the function's
+`func.HttpResponse` (or str) becomes the response. An unhandled exception is a
+500 with an empty body; the traceback goes to the log.
 
 Two admin APIs of the host are served with the master key: `GET /admin/host/status`
 and `POST /admin/functions/<name>` with `{"input": "..."}` (202), which runs a
@@ -24,17 +27,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import azure.functions as func
-from azure.functions.queue import QueueMessage as TriggerMessage
-from azure.functions.timer import TimerRequest
+from azure.functions.meta import Datum
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from devkit.devhost.app import FunctionSpec
-from devkit.devhost.invocation import Invoker
+from devkit.devhost.invocation import Invoker, TriggerData
 from devkit.devhost.keys import HostKeys, authorized, presented_key
+from devkit.devhost.queues import queue_trigger_data
 from devkit.devhost.routes import RouteTemplate, parse_route
+from devkit.devhost.timers import timer_trigger_data
 from loyaltysync.errors import ConfigError
 
 log = logging.getLogger("devkit.devhost")
@@ -137,13 +140,13 @@ class HttpFrontEnd:
         body = await _read_body(request)
         if body is None:
             return Response(status_code=413)
-        trigger = func.HttpRequest(
-            method=request.method,
-            url=str(request.url),
-            headers=_joined(request.headers.items(), ", "),
-            params=_joined(request.query_params.multi_items(), ","),
-            route_params=values,
-            body=body,
+        trigger = http_trigger_data(
+            request.method,
+            str(request.url),
+            _joined(request.headers.items()),
+            _joined(request.query_params.multi_items()),
+            values,
+            body,
         )
         try:
             outcome = await self._invoker.invoke(route.function, trigger)
@@ -173,11 +176,10 @@ class HttpFrontEnd:
         return Response(status_code=202)
 
     async def _invoke_by_hand(self, function: FunctionSpec, text: str) -> None:
-        value: Any
         if function.trigger_type == "queueTrigger":
-            value = TriggerMessage(id=str(uuid.uuid4()), body=text.encode("utf-8"), dequeue_count=1)  # type: ignore[no-untyped-call]
+            value = queue_trigger_data(text.encode("utf-8"), message_id=str(uuid.uuid4()), dequeue_count=1)
         else:
-            value = TimerRequest(past_due=False)
+            value = timer_trigger_data(past_due=False)
         try:
             await self._invoker.invoke(function, value)
         except Exception:  # noqa: S110 - logged by the invoker; nobody waits for a 202
@@ -206,25 +208,54 @@ async def _read_body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
-def _joined(items: Iterable[tuple[str, str]], separator: str) -> dict[str, str]:
-    """A flat mapping, repeated names joined as the host joins them."""
+def http_trigger_data(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+    route_params: Mapping[str, str],
+    body: bytes,
+) -> TriggerData:
+    """The host's RPC HTTP data for a request, as it sends it to the Python worker.
+
+    Header names are lower-cased and query parameters with an empty value are left out
+    (GrpcMessageConversionExtensions.ToRpcHttp); the worker asks for the body as raw bytes.
+    """
+    def strings(values: Mapping[str, str]) -> dict[str, Datum]:
+        return {name: Datum(value, "string") for name, value in values.items()}
+
+    http = {
+        "method": Datum(method, "string"),
+        "url": Datum(url, "string"),
+        "headers": strings({name.lower(): value for name, value in headers.items()}),
+        "query": strings({name: value for name, value in query.items() if value}),
+        "params": strings(route_params),
+        "body": Datum(body, "bytes"),
+    }
+    return TriggerData(Datum(http, "http"))
+
+
+def _joined(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A flat mapping, repeated names joined with "," (.NET StringValues.ToString), as the host joins them."""
     result: dict[str, str] = {}
     for name, value in items:
-        result[name] = f"{result[name]}{separator}{value}" if name in result else value
+        result[name] = f"{result[name]},{value}" if name in result else value
     return result
 
 
-def _to_response(value: Any) -> Response:
-    """The HTTP response for an `http` output value (checked by the invoker to be HttpResponse or str)."""
-    if isinstance(value, str):
-        return Response(value.encode("utf-8"), media_type="text/plain; charset=utf-8")
-    if not isinstance(value, func.HttpResponse):
+def _to_response(data: Datum | None) -> Response:
+    """The HTTP response for the data the worker encoded for the `http` output (HttpResponse or str)."""
+    if data is not None and data.type == "string":
+        return Response(str(data.value).encode("utf-8"), media_type="text/plain; charset=utf-8")
+    if data is None or data.type != "http":
         return Response(status_code=500)
-    response = Response(value.get_body(), status_code=int(value.status_code))
-    headers = [(name, header) for name, header in value.headers.items() if name.lower() != "content-length"]
-    if not any(name.lower() == "content-type" for name, _ in headers):
-        mimetype = str(value.mimetype)
-        content_type = f"{mimetype}; charset={value.charset}" if mimetype.startswith("text/") else mimetype
-        headers.append(("content-type", content_type))
+    fields: dict[str, Any] = data.value
+    body = fields["body"].value
+    response = Response(bytes(body or b""), status_code=int(fields["status_code"].value))
+    headers = [
+        (name, str(header.value)) for name, header in fields["headers"].items() if name.lower() != "content-length"
+    ]
+    for cookie in fields.get("cookies") or ():
+        headers += [("set-cookie", morsel.OutputString()) for morsel in cookie.values()]
     response.raw_headers.extend((name.lower().encode("latin-1"), header.encode("latin-1")) for name, header in headers)
     return response

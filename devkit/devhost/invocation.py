@@ -1,11 +1,13 @@
 """One function invocation, as the Python worker performs it, and the output bindings it feeds.
 
-The worker passes the trigger value and one `func.Out` per output binding by
-parameter name (plus `context` when the function asks for it), awaits `async def`
-functions on the event loop and runs plain ones in a thread pool, fails the
-invocation when a function without a `$return` binding returns a value, and
-hands the outputs to the host, which writes them only when the function
-succeeded. Each invocation is logged in one line, like the host's "Executed".
+The host sends the trigger as typed data (`TriggerData`: an `azure.functions.meta.Datum` and its
+trigger metadata); the worker turns it into the argument through the parameter's converter (the
+library's `decode`, or its "generic" binding for `str`/`bytes` parameters), passes one `func.Out`
+per output binding by parameter name (plus `context` when the function asks for it), awaits
+`async def` functions on the event loop and runs plain ones in a thread pool, fails the invocation
+when a function without a `$return` binding returns a value, and encodes every output and the return
+value through the converters (`encode`). The host writes the outputs only when the function succeeded.
+Each invocation is logged in one line, like the host's "Executed".
 """
 
 from __future__ import annotations
@@ -13,19 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import azure.functions as func
 from azure.functions._abc import RetryContext, TraceContext
+from azure.functions.meta import Datum
 
+from devkit.devhost import worker_rules
 from devkit.devhost.app import RETURN, FunctionSpec
 from devkit.devhost.storage import MessageEncoding, QueueStore, encode_message
 
@@ -109,14 +114,26 @@ class InvocationContext(func.Context):
 
 
 @dataclass(frozen=True)
+class TriggerData:
+    """What the host sends the worker for a trigger: the data and its trigger metadata."""
+
+    data: Datum
+    metadata: Mapping[str, Datum] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Outcome:
-    """A successful invocation: the return value and each output binding's value by name."""
+    """A successful invocation, as the worker hands it to the host: each value encoded by its converter.
 
-    result: Any
-    outputs: Mapping[str, Any]
+    `result` is the encoded return value (None without a `$return` binding); `outputs` holds the
+    encoded value of every output binding that was set, by name.
+    """
 
-    def value_of(self, binding: Mapping[str, Any]) -> Any:
-        """The value an output binding received (the return value for `$return`)."""
+    result: Datum | None
+    outputs: Mapping[str, Datum]
+
+    def value_of(self, binding: Mapping[str, Any]) -> Datum | None:
+        """The data an output binding received (the return value for `$return`)."""
         return self.result if binding["name"] == RETURN else self.outputs.get(str(binding["name"]))
 
 
@@ -128,23 +145,32 @@ class Invoker:
         self._encoding = encoding
         self._executor = executor
 
-    async def invoke(self, function: FunctionSpec, trigger_value: Any) -> Outcome:
-        """Call `function` with `trigger_value`; on success write its queue outputs and return the Outcome.
+    async def invoke(self, function: FunctionSpec, trigger: TriggerData) -> Outcome:
+        """Call `function` with the trigger; on success write its queue outputs and return the Outcome.
 
-        Any exception from the function or its outputs is logged with its traceback
-        (as the host logs a failed invocation) and raised again.
+        Any exception from decoding, the function, encoding or the outputs is logged with its
+        traceback (as the host logs a failed invocation) and raised again.
         """
+        indexed = function.indexed
         invocation_id = str(uuid.uuid4())
-        outs = {str(binding["name"]): OutValue() for binding in function.outputs if binding["name"] != RETURN}
-        kwargs: dict[str, Any] = {function.trigger_name: trigger_value, **outs}
-        if function.wants_context:
-            kwargs["context"] = InvocationContext(invocation_id, function.name)
         started = time.perf_counter()
         try:
+            trigger_param = indexed.inputs[function.trigger_name]
+            argument = worker_rules.decode_argument(trigger_param, trigger.data, trigger.metadata)
+            outs = {name: OutValue() for name in indexed.outputs}
+            kwargs: dict[str, Any] = {function.trigger_name: argument, **outs}
+            if indexed.requires_context:
+                kwargs["context"] = InvocationContext(invocation_id, function.name)
             result = await self._call(function, kwargs)
-            if result is not None and function.return_binding is None:
+            if result is not None and not indexed.has_return:
                 raise RuntimeError(f"function {function.name!r} without a $return binding returned a non-None value")
-            outcome = Outcome(result, {name: out.get() for name, out in outs.items()})
+            outputs = {
+                name: worker_rules.encode_value(indexed.outputs[name], out.get())
+                for name, out in outs.items()
+                if out.get() is not None  # an Out that was never set writes nothing
+            }
+            returned = worker_rules.encode_value(indexed.return_type, result) if indexed.return_type else None
+            outcome = Outcome(returned, outputs)
             await self._write_outputs(function, outcome)
         except Exception:
             log.exception(_executed(function, "Failed", invocation_id, started))
@@ -163,45 +189,45 @@ class Invoker:
     async def _write_outputs(self, function: FunctionSpec, outcome: Outcome) -> None:
         pending: list[tuple[Mapping[str, Any], list[str | bytes]]] = []
         for binding in function.outputs:
-            value = outcome.value_of(binding)
-            if binding["name"] != RETURN and value is None:
-                continue  # an Out that was never set writes nothing
-            if binding["type"] == "http":
-                _check_http(value)
-            elif binding["type"] == "queue":
-                pending.append((binding, _queue_messages(value)))
+            data = outcome.value_of(binding)
+            if binding["type"] == "queue" and data is not None:
+                pending.append((binding, queue_messages(data)))
         for binding, messages in pending:
             for message in messages:
                 text = encode_message(message, self._encoding)
                 await self._queues.send(binding.get("connection"), str(binding["queueName"]), text)
 
 
-def _check_http(value: Any) -> None:
-    if not isinstance(value, func.HttpResponse | str):
-        raise TypeError(
-            f'unable to encode outgoing TypedData: unsupported type "http" for Python type "{type(value).__name__}"'
-        )
+def queue_messages(data: Datum) -> list[str | bytes]:
+    """The messages the host's queue output binding writes for the worker's data.
 
-
-def _queue_messages(value: Any) -> list[str | bytes]:
-    """The messages a queue output value stands for, with the worker's accepted types."""
-    if isinstance(value, str | bytes):
-        return [value]
-    if isinstance(value, func.QueueMessage):
-        return [value.get_body()]
-    if isinstance(value, Iterable):
-        messages: list[str | bytes] = []
-        for item in value:
-            if isinstance(item, str):
-                messages.append(item)
-            elif isinstance(item, func.QueueMessage):
-                messages.append(item.get_body())
-            else:
-                raise TypeError(f"invalid data type in output queue message list: {type(item)}")
-        return messages
-    raise TypeError(
-        f'unable to encode outgoing TypedData: unsupported type "queue" for Python type "{type(value).__name__}"'
-    )
+    Text that is a JSON array becomes one message per element, as the host does it
+    (Azure/azure-functions-python-worker#1492); a list from the worker arrives as JSON and splits the same way.
+    """
+    if data.type == "bytes":
+        return [bytes(data.value)]
+    if data.type in ("int", "double"):
+        return [str(data.value)]
+    if data.type not in ("string", "json"):
+        raise TypeError(f"the queue output binding cannot write data of type {data.type!r}")
+    text = str(data.value)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return [text]
+    if not isinstance(parsed, list):
+        if data.type == "json":
+            raise TypeError("a queue message as a JSON object (func.QueueMessage) is not modelled by the dev host")
+        return [text]
+    messages: list[str | bytes] = []
+    for item in parsed:
+        if isinstance(item, dict | list):
+            raise TypeError(
+                "a queue message list item that is a JSON object or array (e.g. func.QueueMessage) "
+                "is not modelled by the dev host; set str items"
+            )
+        messages.append(item if isinstance(item, str) else json.dumps(item))
+    return messages
 
 
 def _executed(function: FunctionSpec, status: str, invocation_id: str, started: float) -> str:

@@ -14,23 +14,64 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from azure.functions.queue import QueueMessage as TriggerMessage
+from azure.functions.meta import Datum
 from azure.storage.queue import QueueMessage as StoredMessage
 
 from devkit.devhost.app import FunctionSpec
 from devkit.devhost.host_json import MIN_POLLING_INTERVAL, QueueOptions
-from devkit.devhost.invocation import Invoker
+from devkit.devhost.invocation import Invoker, TriggerData
 from devkit.devhost.storage import QueueStore, decode_message
 
 log = logging.getLogger("devkit.devhost")
 
 POISON_SUFFIX = "-poison"
 LEASE_SECONDS = 600  # the extension's receive visibility; renewed at half-time while the function runs
+
+
+_METADATA_FIELDS = ("Id", "DequeueCount", "PopReceipt", "InsertionTime", "ExpirationTime", "NextVisibleTime")
+
+
+def queue_trigger_data(
+    body: bytes,
+    *,
+    message_id: str,
+    dequeue_count: int,
+    pop_receipt: str | None = None,
+    inserted: datetime | None = None,
+    expires: datetime | None = None,
+    next_visible: datetime | None = None,
+) -> TriggerData:
+    """The host's queue trigger data: the message text and its trigger metadata.
+
+    The text is the decoded body read as UTF-8 (invalid bytes replaced, as .NET decodes). As in the host,
+    the top-level properties of a JSON object body join the trigger metadata and win over the message's
+    own fields of the same name, whatever their case: a body with an "id" changes `msg.id`
+    (Azure/azure-functions-python-worker#1373, azure-functions-python-library#49).
+    """
+    metadata: dict[str, Datum] = {"Id": Datum(message_id, "string"), "DequeueCount": Datum(str(dequeue_count), "json")}
+    if pop_receipt is not None:
+        metadata["PopReceipt"] = Datum(pop_receipt, "string")
+    for key, moment in (("InsertionTime", inserted), ("ExpirationTime", expires), ("NextVisibleTime", next_visible)):
+        if moment is not None:
+            metadata[key] = Datum(json.dumps(moment.isoformat()), "json")
+    text = body.decode("utf-8", errors="replace")
+    try:
+        document = json.loads(text)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        known = {key.lower(): key for key in _METADATA_FIELDS}  # the host's binding data ignores case
+        for key, value in document.items():
+            name = known.get(str(key).lower(), str(key))
+            metadata[name] = Datum(value, "string") if isinstance(value, str) else Datum(json.dumps(value), "json")
+    return TriggerData(Datum(text, "string"), metadata)
 
 
 @dataclass
@@ -114,7 +155,7 @@ class QueueListener:
             return
         await self._queue.delete_message(message.id, lease.receipt)
 
-    def _trigger_message(self, message: StoredMessage, dequeue_count: int) -> TriggerMessage:
+    def _trigger_message(self, message: StoredMessage, dequeue_count: int) -> TriggerData:
         try:
             body = decode_message(str(message.content or ""), self._options.message_encoding)
         except ValueError:
@@ -125,17 +166,17 @@ class QueueListener:
                 self.function.name,
             )
             raise
-        return TriggerMessage(  # type: ignore[no-untyped-call]
-            id=message.id,
-            body=body,
+        return queue_trigger_data(
+            body,
+            message_id=message.id,
             dequeue_count=dequeue_count,
-            expiration_time=message.expires_on,
-            insertion_time=message.inserted_on,
-            time_next_visible=message.next_visible_on,
             pop_receipt=message.pop_receipt,
+            inserted=message.inserted_on,
+            expires=message.expires_on,
+            next_visible=message.next_visible_on,
         )
 
-    async def _invoke_leased(self, trigger: TriggerMessage, message_id: str, lease: _Lease) -> None:
+    async def _invoke_leased(self, trigger: TriggerData, message_id: str, lease: _Lease) -> None:
         """Invoke, renewing the message's lease while the function runs; `lease` keeps the latest pop receipt."""
         task: asyncio.Task[Any] = asyncio.create_task(self._invoker.invoke(self.function, trigger))
         try:

@@ -11,15 +11,17 @@ the app setting WEBSITE_TIME_ZONE names an IANA zone, as on Linux plans.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, tzinfo
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from azure.functions.timer import TimerRequest
+from azure.functions.meta import Datum
 
 from devkit.devhost.app import FunctionSpec
-from devkit.devhost.invocation import Invoker
+from devkit.devhost.invocation import Invoker, TriggerData
 from devkit.devhost.ncrontab import parse_schedule
 from loyaltysync.errors import ConfigError
 
@@ -27,6 +29,12 @@ log = logging.getLogger("devkit.devhost")
 
 TIME_ZONE_SETTING = "WEBSITE_TIME_ZONE"
 _NEVER = "0001-01-01T00:00:00"
+
+
+def timer_trigger_data(past_due: bool, schedule_status: Mapping[str, Any] | None = None) -> TriggerData:
+    """The host's timer trigger data: the TimerInfo JSON the worker's converter reads."""
+    info = {"Schedule": {"AdjustForDST": True}, "ScheduleStatus": dict(schedule_status or {}), "IsPastDue": past_due}
+    return TriggerData(Datum(json.dumps(info), "json"))
 
 
 def timer_zone(environ: Mapping[str, str]) -> tzinfo:
@@ -84,14 +92,13 @@ class TimerRunner:
         await asyncio.sleep(max(0.0, (moment - self._now()).total_seconds()))
 
     async def _fire(self, *, past_due: bool, last: datetime | None, next_at: datetime) -> None:
-        request = TimerRequest(
-            past_due=past_due,
-            schedule_status={
+        request = timer_trigger_data(
+            past_due,
+            {
                 "Last": last.isoformat() if last else _NEVER,
                 "Next": next_at.isoformat(),
                 "LastUpdated": self._now().isoformat(),
             },
-            schedule={"AdjustForDST": True},
         )
         try:
             await self._invoker.invoke(self.function, request)

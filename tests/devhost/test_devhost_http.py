@@ -182,6 +182,7 @@ async def test_generated_keys_are_printed_and_work(write_app: Callable[[str], st
 
 
 OUTPUT_APP = """
+from typing import List
 import azure.functions as func
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
@@ -189,7 +190,7 @@ RECEIVED = []
 
 @app.route(route="park", methods=["POST"])
 @app.queue_output(arg_name="out", queue_name="%PARK_QUEUE%", connection="AzureWebJobsStorage")
-def park(req: func.HttpRequest, out: func.Out[list[str]]) -> func.HttpResponse:
+def park(req: func.HttpRequest, out: func.Out[List[str]]) -> func.HttpResponse:  # the worker refuses list[str]
     out.set([req.get_body().decode(), "second message"])
     return func.HttpResponse(status_code=202)
 

@@ -55,7 +55,7 @@ def handler(request: func.HttpRequest) -> func.HttpResponse:
         (NO_APP, "no top-level function app instance"),
         (TWO_APPS, "more than one top-level function app instance"),
         (BROKEN_IMPORT, "cannot import the function app module .*KeyError: 'missing'"),
-        (BAD_SIGNATURE, r"function 'handler': parameters \['request'\] are declared in Python"),
+        (BAD_SIGNATURE, r"function 'handler' \(parameter 'request'\).*declared in Python but not in the function"),
     ],
 )
 async def test_apps_the_worker_refuses_are_refused(

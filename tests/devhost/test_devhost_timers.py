@@ -9,16 +9,16 @@ import itertools
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any
 
 import pytest
 from azure.functions.timer import TimerRequest
 
 from devkit.devhost import DevHost
 from devkit.devhost.app import FunctionSpec
-from devkit.devhost.invocation import Outcome
+from devkit.devhost.invocation import Outcome, TriggerData
 from devkit.devhost.ncrontab import parse_schedule
 from devkit.devhost.timers import TimerRunner
+from devkit.devhost.worker_rules import IndexedFunction, ParamType, decode_argument
 
 StartHost = Callable[..., Awaitable[DevHost]]
 T0 = datetime(2024, 3, 14, 10, 7, 30, 500000, tzinfo=UTC)  # a Thursday
@@ -69,8 +69,9 @@ class _RecordingInvoker:
         self.requests: list[TimerRequest] = []
         self.called = asyncio.Event()
 
-    async def invoke(self, function: FunctionSpec, trigger_value: Any) -> Outcome:
-        self.requests.append(trigger_value)
+    async def invoke(self, function: FunctionSpec, trigger: TriggerData) -> Outcome:
+        # What the function receives: the host's timer data through the worker's converter.
+        self.requests.append(decode_argument(ParamType("timerTrigger", TimerRequest), trigger.data, trigger.metadata))
         self.called.set()
         return Outcome(None, {})
 
@@ -85,8 +86,16 @@ async def test_past_due_when_a_whole_occurrence_was_missed() -> None:
         name="tick",
         trigger={"type": "timerTrigger", "name": "timer", "schedule": "*/5 * * * * *"},
         outputs=(),
-        user_function=lambda timer: None,
-        wants_context=False,
+        indexed=IndexedFunction(
+            name="tick",
+            user_function=lambda timer: None,
+            requires_context=False,
+            is_async=False,
+            has_return=False,
+            inputs={"timer": ParamType("timerTrigger", TimerRequest)},
+            outputs={},
+            return_type=None,
+        ),
         disabled=False,
         not_run=None,
     )
