@@ -495,6 +495,58 @@ AppMetrics
   ]
 }
 
+// Retried changes go back on the queue as new messages (docs/retries.md), so an outage does not age
+// the backlog: it shows as retries that do not stop. Two 5-minute windows in a row with retries.
+resource retryingAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = {
+  name: '${appName}-retrying'
+  location: location
+  properties: {
+    displayName: 'loyaltysync: changes retried for 10 minutes'
+    description: 'Changes of a template have been retried (outage, throttling, 5xx) in two 5-minute windows in a row; they are parked once RETRY_BUDGET_SECONDS have passed.'
+    severity: 2
+    enabled: true
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT5M'
+    scopes: [
+      workspace.id
+    ]
+    criteria: {
+      allOf: [
+        {
+          query: '''
+AppMetrics
+| where Name == "loyaltysync.events.retried"
+| summarize Retried = sum(Sum) by template = tostring(Properties.template)
+'''
+          timeAggregation: 'Total'
+          metricMeasureColumn: 'Retried'
+          dimensions: [
+            {
+              name: 'template'
+              operator: 'Include'
+              values: [
+                '*'
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 2
+            minFailingPeriodsToAlert: 2
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: alertActions
+  }
+  dependsOn: [
+    actionGroup
+    appInsights
+  ]
+}
+
 resource throttlingAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = {
   name: '${appName}-throttling'
   location: location

@@ -375,7 +375,8 @@ def test_queries_refer_only_to_metrics_the_app_records() -> None:
         assert not unknown, f"{where} refers to metrics the app does not record: {unknown}"
     assert recorded <= set(_METRIC.findall(MONITORING)), "docs/monitoring.md lists every metric"
     alerted = set(_METRIC.findall(BICEP))
-    assert {"loyaltysync.dead_letters", "loyaltysync.queue.oldest_age", "loyaltysync.target.throttled"} <= alerted
+    assert {"loyaltysync.dead_letters", "loyaltysync.queue.oldest_age", "loyaltysync.target.throttled",
+            "loyaltysync.events.retried"} <= alerted
 
 
 def test_the_workbook_is_a_workbook_with_the_operational_views() -> None:
@@ -448,7 +449,7 @@ def test_span_rows_are_counted_with_item_count_and_inbound_read_where_the_export
         assert re.match(r"(// \w+\n)?(dependencies|AppDependencies)\n", query), query
         assert '"InProc"' in query and "status" in query and re.search(r"sum\((itemCount|ItemCount)\)", query)
     alerts = [q for w, q in queries if w.startswith("alert")]
-    assert len(alerts) == 3 and all(q.lstrip().startswith(("AppMetrics", "let paused = AppMetrics")) for q in alerts)
+    assert len(alerts) == 4 and all(q.lstrip().startswith(("AppMetrics", "let paused = AppMetrics")) for q in alerts)
 
 
 def test_host_json_keeps_warning_lines_out_of_adaptive_sampling() -> None:
