@@ -146,6 +146,28 @@ def test_the_deployed_app_indexes_and_imports_in_a_venv_from_requirements_only(
     assert set(REQUIRED_SETTINGS) <= set(env)
 
 
+@pytest.mark.parametrize("command", ["demo", "sandbox", "dev"])
+def test_dev_kit_commands_say_how_to_get_the_dev_kit_where_only_the_product_is(
+    deploy_venv: Path, tmp_path: Path, command: str
+) -> None:
+    """Where only the deployed set and requirements.txt are (an operator's machine, the app in Azure),
+    `python -m loyaltysync demo|sandbox|dev` name the dev kit and how to get it, and fail cleanly."""
+    app = tmp_path / "app"
+    for name in deployed_files(ROOT):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_bytes((ROOT / name).read_bytes())
+    home = tmp_path / "home"
+    home.mkdir()
+    python = deploy_venv / "bin" / "python"
+    ran = subprocess.run(  # noqa: S603
+        [str(python), "-s", "-m", "loyaltysync", command], cwd=app, env=bare_environment(home),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert "dev-kit command" in ran.stderr and "make demo" in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
 BROKEN_APP = """
 import azure.functions as func
 
