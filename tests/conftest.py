@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from devkit.azurite import Azurite
+from loyaltysync.runtime import Runtime, build_runtime
+from loyaltysync.settings import load_settings
+from loyaltysync.templates import default_mappings_dir, load_templates
+
+RuntimeFactory = Callable[..., Awaitable[Runtime]]
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +47,21 @@ def sandbox_environ(storage_connection_string: str, unique_name: str) -> dict[st
         "DEADLETTER_TABLE": f"{unique_name}d",
         "CONTROL_TABLE": f"{unique_name}c",
     }
+
+
+@pytest.fixture
+async def make_runtime(sandbox_environ: dict[str, str]) -> AsyncIterator[RuntimeFactory]:
+    """Runtimes on the session's Azurite sharing this test's tables and queues (like two instances);
+    the targets (http://fo.test, http://dv.test) are never reached. `await make_runtime(SETTING="v")`."""
+    built: list[Runtime] = []
+    templates = load_templates(default_mappings_dir())
+
+    async def make(**settings: str) -> Runtime:
+        environ = {**sandbox_environ, "LOYALTYSYNC_SANDBOX_TOKEN": "runtime-test-token", **settings}
+        runtime = build_runtime(load_settings(environ), templates)
+        built.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in built:
+        await runtime.aclose()

@@ -8,20 +8,18 @@ the older Dataverse edit won. The re-check now waits for the grace plus the queu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from devkit.azurite import Azurite
 from loyaltysync import worker
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.lag import LagWindow
-from loyaltysync.runtime import Runtime, build_runtime
-from loyaltysync.settings import load_settings
+from loyaltysync.runtime import Runtime
 from loyaltysync.sync import Outcome
 from loyaltysync.templates import default_mappings_dir, load_templates
+from tests.conftest import RuntimeFactory
 
 TEMPLATES = load_templates(default_mappings_dir())
 CARDS = "loyalty-cards"
@@ -46,21 +44,8 @@ def test_the_window_keeps_the_largest_recent_lag_per_template_and_forgets_old_on
 
 
 @pytest.fixture
-async def runtime(azurite: Azurite, unique_name: str) -> AsyncIterator[Runtime]:
-    environ = {
-        "FNO_URL": "http://fo.test",
-        "DATAVERSE_URL": "http://dataverse.test",
-        "LOYALTYSYNC_SANDBOX_TOKEN": "recheck-test-token",
-        "AzureWebJobsStorage": azurite.connection_string,
-        "QUEUE_PREFIX": unique_name,
-        "STATE_TABLE": f"{unique_name}state",
-        "DEADLETTER_TABLE": f"{unique_name}dead",
-        "CONTROL_TABLE": f"{unique_name}control",
-        "CONFLICT_GRACE_SECONDS": "3",
-    }
-    built = build_runtime(load_settings(environ), TEMPLATES)
-    yield built
-    await built.aclose()
+async def runtime(make_runtime: RuntimeFactory) -> Runtime:
+    return await make_runtime(CONFLICT_GRACE_SECONDS="3")
 
 
 def _recheck(deferred_seconds_ago: float) -> ChangeEvent:

@@ -16,7 +16,7 @@ Everything runs against the session's Azurite; time is a fake clock where a cach
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,49 +25,20 @@ from azure.core.exceptions import ServiceRequestError
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.queue.aio import QueueClient
 
-from devkit.azurite import Azurite
 from devkit.devhost.storage import _transport as devhost_transport
 from loyaltysync import operations, worker
 from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.retries import RetryState, with_retry
-from loyaltysync.runtime import SUCCESS_SCOPE, LatestDocuments, Runtime, build_runtime, storage_transport
-from loyaltysync.settings import load_settings
+from loyaltysync.runtime import SUCCESS_SCOPE, LatestDocuments, storage_transport
 from loyaltysync.state import MemoryControlStore
 from loyaltysync.state_tables import TableDeadLetterStore
 from loyaltysync.sync import RECORD_BUSY, WHOLE_RECORD, Outcome
-from loyaltysync.templates import default_mappings_dir, load_templates
+from tests.conftest import RuntimeFactory
 
-TEMPLATES = load_templates(default_mappings_dir())
 CARDS = "loyalty-cards"
 
-RuntimeFactory = Callable[..., Awaitable[Runtime]]
 
-
-@pytest.fixture
-async def make_runtime(azurite: Azurite, unique_name: str) -> AsyncIterator[RuntimeFactory]:
-    """Runtimes sharing the session's Azurite and one set of tables and queues (like two instances)."""
-    built: list[Runtime] = []
-
-    async def make(**settings: str) -> Runtime:
-        environ = {
-            "FNO_URL": "http://fo.test",
-            "DATAVERSE_URL": "http://dataverse.test",
-            "LOYALTYSYNC_SANDBOX_TOKEN": "caches-test-token",
-            "AzureWebJobsStorage": azurite.connection_string,
-            "QUEUE_PREFIX": unique_name,
-            "STATE_TABLE": f"{unique_name}state",
-            "DEADLETTER_TABLE": f"{unique_name}dead",
-            "CONTROL_TABLE": f"{unique_name}control",
-            **settings,
-        }
-        runtime = build_runtime(load_settings(environ), TEMPLATES)
-        built.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in built:
-        await runtime.aclose()
 
 
 class Clock:

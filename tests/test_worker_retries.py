@@ -14,55 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.core.exceptions import ServiceRequestError
 from azure.storage.queue import QueueMessage
 
-from devkit.azurite import Azurite
 from loyaltysync import worker
 from loyaltysync.errors import MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.retries import RetryState, read_message, with_retry
-from loyaltysync.runtime import Runtime, build_runtime
-from loyaltysync.settings import load_settings
+from loyaltysync.runtime import Runtime
 from loyaltysync.sync import RECORD_BUSY, Outcome
-from loyaltysync.templates import default_mappings_dir, load_templates
+from tests.conftest import RuntimeFactory
 
-TEMPLATES = load_templates(default_mappings_dir())
 CARDS = "loyalty-cards"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
-RuntimeFactory = Callable[..., Awaitable[Runtime]]
 Process = Callable[..., Awaitable[Outcome]]
 
-
-@pytest.fixture
-async def make_runtime(azurite: Azurite, unique_name: str) -> AsyncIterator[RuntimeFactory]:
-    """A runtime on the session's Azurite with its own queues and tables (targets never reached)."""
-    built: list[Runtime] = []
-
-    async def make(**settings: str) -> Runtime:
-        environ = {
-            "FNO_URL": "http://fo.test",
-            "DATAVERSE_URL": "http://dataverse.test",
-            "LOYALTYSYNC_SANDBOX_TOKEN": "retries-test-token",
-            "AzureWebJobsStorage": azurite.connection_string,
-            "QUEUE_PREFIX": unique_name,
-            "STATE_TABLE": f"{unique_name}state",
-            "DEADLETTER_TABLE": f"{unique_name}dead",
-            "CONTROL_TABLE": f"{unique_name}control",
-            **settings,
-        }
-        runtime = build_runtime(load_settings(environ), TEMPLATES)
-        built.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in built:
-        await runtime.aclose()
 
 
 def _change(key: str = "C-RETRY") -> ChangeEvent:
