@@ -30,7 +30,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -41,9 +40,9 @@ from starlette.routing import BaseRoute, Route
 from devkit.sandbox.dataverse import seed
 from devkit.sandbox.dataverse.org import Organization
 from devkit.sandbox.dataverse.schema import Column, TableDef, boolean, decimal, integer, string, table
-from devkit.sandbox.dataverse.webhooks import REDUCED_AWAY, Dispatcher, _dumps
+from devkit.sandbox.dataverse.webhooks import Dispatcher
 from devkit.sandbox.dataverse.webhooks import Route as StepRoute
-from devkit.sandbox.delivery import DATAVERSE_WEBHOOK_RETRY, Outgoing
+from devkit.sandbox.delivery import Outgoing
 from loyaltysync.events.fno import virtual_column
 from loyaltysync.templates import FieldMap, Template
 
@@ -241,44 +240,9 @@ class DataEventLink:
                              "Name": None, "RowVersion": None},
             Stage=40,
         )
-        body = _dumps(payload)
-        headers = {
-            "Content-Type": "application/json",
-            "x-request-id": str(uuid.uuid4()),
-            "x-ms-dynamics-organization": self.dispatcher.organization_host,
-            "x-ms-dynamics-entity-name": table_name,
-            "x-ms-dynamics-request-name": message.lower(),
-            "x-ms-correlation-request-id": correlation_id.lower(),
-        }
-        reduced = len(body) > self.dispatcher.size_limit
-        if reduced:
-            for key in REDUCED_AWAY:
-                payload.pop(key, None)
-            body = _dumps(payload)
-            headers["x-ms-dynamics-msg-size-exceeded"] = "true"
-        headers.update(route.headers)
-        row_id = payload.get("PrimaryEntityId")
-        self.dispatcher.log.append(
-            {
-                "time": datetime.now(UTC).isoformat(),
-                "operation_id": operation_id,
-                "step_id": route.step_id,
-                "url": route.url.split("?")[0],
-                "message": message,
-                "table": table_name,
-                "row_id": row_id,
-                "correlation_id": correlation_id,
-                "bytes": len(body),
-                "reduced": reduced,
-            }
-        )
-        return Outgoing(
-            id=operation_id,
-            url=route.url,
-            headers=headers,
-            body=body,
-            policy=DATAVERSE_WEBHOOK_RETRY,
-            description=f"{message} {table_name}({row_id}) -> step {route.step_name or route.step_id}",
+        return self.dispatcher.outgoing(
+            payload, message=message, table=table_name, row_id=payload.get("PrimaryEntityId"),
+            correlation_id=correlation_id, route=route,
         )
 
     def routes(self) -> list[BaseRoute]:

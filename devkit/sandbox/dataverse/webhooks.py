@@ -5,7 +5,7 @@ message and table from the sdkmessagefilter) and cached until one of those
 tables changes. One POST per change and matching step, after the writer has its
 response. Bodies over 256 KB lose `ParentContext`, `InputParameters`,
 `PreEntityImages` and `PostEntityImages` and get `x-ms-dynamics-msg-size-exceeded`
-[D16]. Header values are lower case, as wire-formats.md §1.11 notes.
+[D16]. Header values are lower case, as docs/wire-formats.md §1.11 notes.
 """
 
 from __future__ import annotations
@@ -169,13 +169,24 @@ class Dispatcher:
             pre_images=pre,
             post_images=post,
         )
+        return self.outgoing(
+            payload, message=change.message, table=change.table, row_id=change.row_id,
+            correlation_id=correlation_id, route=route,
+        )
+
+    def outgoing(
+        self, payload: dict[str, Any], *, message: str, table: str, row_id: Any, correlation_id: str, route: Route
+    ) -> Outgoing:
+        """The delivery of one execution context to one step's endpoint: the service's headers, the reduced
+        form when the body is over the size limit (the x-ms-dynamics-msg-size-exceeded header), logged."""
+        operation_id = str(payload.get("OperationId"))
         body = _dumps(payload)
         headers = {
             "Content-Type": "application/json",
             "x-request-id": str(uuid.uuid4()),
             "x-ms-dynamics-organization": self.organization_host,
-            "x-ms-dynamics-entity-name": change.table.lower(),
-            "x-ms-dynamics-request-name": change.message.lower(),
+            "x-ms-dynamics-entity-name": table.lower(),
+            "x-ms-dynamics-request-name": message.lower(),
             "x-ms-correlation-request-id": correlation_id.lower(),
         }
         reduced = len(body) > self.size_limit
@@ -191,9 +202,9 @@ class Dispatcher:
                 "operation_id": operation_id,
                 "step_id": route.step_id,
                 "url": route.url.split("?")[0],
-                "message": change.message,
-                "table": change.table,
-                "row_id": change.row_id,
+                "message": message,
+                "table": table,
+                "row_id": row_id,
                 "correlation_id": correlation_id,
                 "bytes": len(body),
                 "reduced": reduced,
@@ -205,5 +216,5 @@ class Dispatcher:
             headers=headers,
             body=body,
             policy=DATAVERSE_WEBHOOK_RETRY,
-            description=f"{change.message} {change.table}({change.row_id}) -> step {route.step_name or route.step_id}",
+            description=f"{message} {table}({row_id}) -> step {route.step_name or route.step_id}",
         )
