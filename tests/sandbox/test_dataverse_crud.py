@@ -1,6 +1,6 @@
 """Dataverse emulator contract: create, read, update/upsert, delete, keys, lookups and validation errors.
 
-Each test names the rule of wire-formats.md part A §1 it pins down.
+Each test names the rule of docs/wire-formats.md part A §1 it pins down.
 """
 
 from __future__ import annotations

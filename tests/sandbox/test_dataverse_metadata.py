@@ -141,14 +141,20 @@ async def test_entity_definition_names(client: httpx.AsyncClient) -> None:
 
 
 async def test_attributes_with_types_and_string_lengths(client: httpx.AsyncClient) -> None:
-    body = await get(
-        client,
-        "EntityDefinitions(LogicalName='msdyn_loyaltycard')/Attributes?$select=LogicalName,AttributeType,MaxLength",
-    )
+    base = "EntityDefinitions(LogicalName='msdyn_loyaltycard')/Attributes"
+    body = await get(client, f"{base}?$select=LogicalName,AttributeType")
     attributes = {a["LogicalName"]: a for a in body["value"]}
     assert attributes["msdyn_cardnumber"]["AttributeType"] == "String"
-    assert attributes["msdyn_cardnumber"]["MaxLength"] == 30
-    assert attributes["msdyn_partynumber"]["MaxLength"] == 100
+    # MaxLength is a StringAttributeMetadata property: the untyped collection refuses it, as the service does.
+    untyped = await client.get(f"{base}?$select=LogicalName,MaxLength")
+    assert untyped.status_code == 400
+    assert untyped.json()["error"]["message"] == (
+        "Could not find a property named 'MaxLength' on type 'Microsoft.Dynamics.CRM.AttributeMetadata'."
+    )
+    strings = await get(client, f"{base}/Microsoft.Dynamics.CRM.StringAttributeMetadata?$select=LogicalName,MaxLength")
+    lengths = {a["LogicalName"]: a["MaxLength"] for a in strings["value"]}
+    assert lengths["msdyn_cardnumber"] == 30
+    assert lengths["msdyn_partynumber"] == 100
     assert attributes["msdyn_cardtendertype"]["AttributeType"] == "Picklist"
     assert attributes["msdyn_enrollmentdate"]["AttributeType"] == "DateTime"
     assert attributes["msdyn_loyaltycardid"]["AttributeType"] == "Uniqueidentifier"
@@ -219,3 +225,145 @@ def test_alternate_key_lookups_stay_constant_time_with_many_rows() -> None:
     for i in range(0, 50_000, 5):
         assert table.find("msdyn_cardnumber", (f"m-{i}",)) is not None
     assert time.perf_counter() - started < 1.0
+
+
+# -- the Web API metadata types, their property sets and the query options over them ----------------
+
+
+CARD = "EntityDefinitions(LogicalName='msdyn_loyaltycard')"
+
+
+async def test_every_metadata_object_carries_its_types_full_property_set(client: httpx.AsyncClient) -> None:
+    from devkit.sandbox.dataverse.metadata_types import properties
+
+    entity = await get(client, CARD)
+    assert set(properties("EntityMetadata")) <= set(entity)
+    assert not {"Attributes", "Keys", "OneToManyRelationships"} & set(entity)  # navigation: only when expanded
+    assert entity["DisplayName"]["UserLocalizedLabel"]["Label"] == "Loyalty card"
+    assert entity["Description"] == {"LocalizedLabels": [], "UserLocalizedLabel": None}
+    assert set(entity["IsCustomizable"]) == {"Value", "CanBeChanged", "ManagedPropertyLogicalName"}
+    assert entity["PrimaryImageAttribute"] is None and entity["TableType"] == "Standard"
+    assert {p["Name"] for p in entity["Privileges"]} >= {"prvCreatemsdyn_loyaltycard", "prvReadmsdyn_loyaltycard"}
+    for attribute in (await get(client, f"{CARD}/Attributes"))["value"]:
+        declared = attribute["@odata.type"].removeprefix("#Microsoft.Dynamics.CRM.")
+        assert set(properties(declared)) <= set(attribute), declared
+    assert set(properties("EntityKeyMetadata")) <= set((await get(client, f"{CARD}/Keys"))["value"][0])
+    for relationship in (await get(client, f"{DEFINITION}/ManyToOneRelationships"))["value"]:
+        assert set(properties("OneToManyRelationshipMetadata")) <= set(relationship)
+    types = {a["LogicalName"]: a["@odata.type"] for a in (await get(client, f"{CARD}/Attributes"))["value"]}
+    assert types["msdyn_loyaltycardid"] == "#Microsoft.Dynamics.CRM.UniqueIdentifierAttributeMetadata"
+    assert types["statuscode"] == "#Microsoft.Dynamics.CRM.StatusAttributeMetadata"
+
+
+async def test_navigation_properties_expand_with_nested_select_and_filter(client: httpx.AsyncClient) -> None:
+    picklists = "AttributeType eq Microsoft.Dynamics.CRM.AttributeTypeCode'Picklist'"
+    body = await get(
+        client,
+        f"{CARD}?$select=LogicalName&$expand=Attributes($select=LogicalName;$filter={picklists}),"
+        "Keys($select=KeyAttributes),OneToManyRelationships($select=ReferencingEntity)",
+    )
+    assert [a["LogicalName"] for a in body["Attributes"]] == ["msdyn_cardtendertype"]
+    assert body["Attributes"][0]["@odata.type"] == "#Microsoft.Dynamics.CRM.PicklistAttributeMetadata"
+    assert [k["KeyAttributes"] for k in body["Keys"]] == [["msdyn_cardnumber"]]
+    assert body["OneToManyRelationships"] == []
+    listed = await get(
+        client,
+        "EntityDefinitions?$select=LogicalName&$filter=LogicalName eq 'msdyn_loyaltyrewardpoint'"
+        "&$expand=ManyToOneRelationships($select=ReferencingAttribute;"
+        "$filter=ReferencedEntity eq 'transactioncurrency')",
+    )
+    assert [e["LogicalName"] for e in listed["value"]] == ["msdyn_loyaltyrewardpoint"]
+    assert [r["ReferencingAttribute"] for r in listed["value"][0]["ManyToOneRelationships"]] == [
+        "msdyn_rewardpointcurrency"
+    ]
+    currency = await get(client, "EntityDefinitions(LogicalName='transactioncurrency')/OneToManyRelationships"
+                                 "?$select=ReferencingEntity,ReferencingAttribute")
+    assert {"msdyn_loyaltyrewardpoint", "msdyn_rewardpointcurrency"} <= {
+        v for r in currency["value"] for v in r.values()
+    }
+    # Complex-typed properties filter by their members, enum-typed ones by enum literals (the service's forms).
+    custom = await get(client, "EntityDefinitions?$select=LogicalName&$filter=IsCustomizable/Value eq true and "
+                               "OwnershipType eq Microsoft.Dynamics.CRM.OwnershipTypes'OrganizationOwned'")
+    assert "msdyn_loyaltycard" in {e["LogicalName"] for e in custom["value"]}
+
+
+async def test_option_sets_behind_casts_and_single_attributes(client: httpx.AsyncClient) -> None:
+    tender = await get(
+        client,
+        f"{CARD}/Attributes(LogicalName='msdyn_cardtendertype')/Microsoft.Dynamics.CRM.PicklistAttributeMetadata"
+        "/OptionSet?$select=Options",
+    )
+    assert {o["Value"]: o["Label"]["UserLocalizedLabel"]["Label"] for o in tender["Options"]}[806380002] == "No tender"
+    single = await get(client, f"{CARD}/Attributes(LogicalName='msdyn_cardtendertype')"
+                               "/Microsoft.Dynamics.CRM.PicklistAttributeMetadata?$select=LogicalName&$expand=OptionSet")
+    assert single["OptionSet"]["OptionSetType"] == "Picklist" and single["OptionSet"]["IsGlobal"] is False
+    redeemable = await get(
+        client,
+        f"{DEFINITION}/Attributes/Microsoft.Dynamics.CRM.BooleanAttributeMetadata"
+        "?$select=LogicalName,DefaultValue&$expand=OptionSet($select=TrueOption,FalseOption)",
+    )
+    option_set = redeemable["value"][0]["OptionSet"]
+    assert option_set["TrueOption"]["Value"] == 1 and option_set["FalseOption"]["Value"] == 0
+    states = await get(client, f"{CARD}/Attributes/Microsoft.Dynamics.CRM.StateAttributeMetadata"
+                               "?$select=LogicalName&$expand=OptionSet")
+    active = states["value"][0]["OptionSet"]["Options"][0]
+    assert active["@odata.type"] == "#Microsoft.Dynamics.CRM.StateOptionMetadata"
+    assert (active["Value"], active["DefaultStatus"], active["InvariantName"]) == (0, 1, "Active")
+
+
+async def test_unknown_names_are_refused_as_the_service_refuses_them(client: httpx.AsyncClient) -> None:
+    def message(name: str, type_name: str) -> str:
+        return f"Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{type_name}'."
+
+    for path, name, type_name in [
+        (f"{CARD}/Attributes?$select=LogicalName&$expand=OptionSet", "OptionSet", "AttributeMetadata"),
+        (f"{CARD}/Attributes?$filter=MaxLength gt 10", "MaxLength", "AttributeMetadata"),
+        (f"{CARD}?$expand=Forms", "Forms", "EntityMetadata"),
+        (f"{CARD}?$expand=Attributes($select=Nope)", "Nope", "AttributeMetadata"),
+        ("EntityDefinitions?$filter=Nope eq 'x'", "Nope", "EntityMetadata"),
+        (f"{CARD}/Keys?$select=Columns", "Columns", "EntityKeyMetadata"),
+    ]:
+        response = await client.get(path)
+        assert response.status_code == 400, path
+        assert response.json()["error"] == {"code": "0x0", "message": message(name, type_name)}, path
+    for path in (f"{CARD}/Forms", f"{CARD}/Attributes/Microsoft.Dynamics.CRM.EntityMetadata", f"{CARD}/Attributes/X"):
+        response = await client.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "0x8006088a"
+    assert (await client.get(f"{CARD}/Attributes(LogicalName='nope')")).status_code == 404
+
+
+async def test_properties_relationship_and_global_option_set_definitions(client: httpx.AsyncClient) -> None:
+    assert (await get(client, f"{CARD}/EntitySetName"))["value"] == "msdyn_loyaltycards"
+    privileges = (await get(client, f"{CARD}/Privileges"))["value"]
+    assert {p["PrivilegeType"] for p in privileges} >= {"Create", "Read", "Write", "Delete"}
+    name = "transactioncurrency_msdyn_loyaltyrewardpoint_msdyn_rewardpointcurrency"
+    relationship = await get(client, f"RelationshipDefinitions(SchemaName='{name}')")
+    assert relationship["@odata.type"] == "#Microsoft.Dynamics.CRM.OneToManyRelationshipMetadata"
+    assert relationship["ReferencingEntity"] == "msdyn_loyaltyrewardpoint"
+    assert (await get(client, "GlobalOptionSetDefinitions?$select=Name"))["value"] == []
+    assert (await client.get("GlobalOptionSetDefinitions(Name='nope')")).status_code == 404
+
+
+async def test_a_table_added_to_the_organization_gets_full_metadata() -> None:
+    from devkit.sandbox.dataverse.schema import choice, integer, string, table
+
+    app = create_app(token=TOKEN)
+    org: Organization = app.state.dataverse
+    org.add_table(table("new_widget", "new_widgets",
+                        [string("new_code", 10), choice("new_size", {1: "Small", 2: "Large"}), integer("new_count")],
+                        primary_name="new_code", keys=[("new_code",)], display_name="Widget"))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE, headers=headers) as client:
+        await _widget_metadata(client)
+
+
+async def _widget_metadata(client: httpx.AsyncClient) -> None:
+    entity = await get(client, "EntityDefinitions(LogicalName='new_widget')?$select=EntitySetName,DisplayName")
+    assert entity["EntitySetName"] == "new_widgets"
+    sizes = await get(client, "EntityDefinitions(LogicalName='new_widget')/Attributes"
+                              "/Microsoft.Dynamics.CRM.PicklistAttributeMetadata?$select=LogicalName&$expand=OptionSet")
+    assert [o["Value"] for o in sizes["value"][0]["OptionSet"]["Options"]] == [1, 2]
+    counts = await get(client, "EntityDefinitions(LogicalName='new_widget')/Attributes(LogicalName='new_count')"
+                               "/Microsoft.Dynamics.CRM.IntegerAttributeMetadata?$select=MinValue,MaxValue")
+    assert (counts["MinValue"], counts["MaxValue"]) == (-2_147_483_648, 2_147_483_647)

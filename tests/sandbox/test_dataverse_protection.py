@@ -1,4 +1,4 @@
-"""Dataverse emulator contract: service protection limits per user (wire-formats.md §1.9)."""
+"""Dataverse emulator contract: service protection limits per user (docs/wire-formats.md §1.9)."""
 
 from __future__ import annotations
 

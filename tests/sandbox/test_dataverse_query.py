@@ -1,4 +1,4 @@
-"""Dataverse emulator contract: collection queries and server-driven paging (wire-formats.md §1.6)."""
+"""Dataverse emulator contract: collection queries and server-driven paging (docs/wire-formats.md §1.6)."""
 
 from __future__ import annotations
 

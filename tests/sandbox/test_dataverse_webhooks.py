@@ -195,7 +195,7 @@ async def register(
     filtering: str | None = None,
     images: Iterable[tuple[str, int, str | None]] = (),
 ) -> str:
-    """Register a webhook the way wire-formats.md §1.11 describes; returns the step id."""
+    """Register a webhook the way docs/wire-formats.md §1.11 describes; returns the step id."""
     prefer = {"Prefer": "return=representation"}
     endpoint = await client.post(
         "serviceendpoints",

@@ -7,7 +7,7 @@ with encoded characters are decoded exactly once (see `paths.split_path`).
 |-------------------------------------------------|--------------------|
 | `$batch`                                        | POST               |
 | `WhoAmI`, `WhoAmI()`                            | GET (POST is 404)  |
-| `EntityDefinitions...`                          | GET                |
+| `EntityDefinitions...` and the other metadata roots (`metadata_query`) | GET |
 | `<set>`                                         | GET, POST          |
 | `<set>/$count`                                  | GET                |
 | `<set>/Microsoft.Dynamics.CRM.<Bulk message>`   | POST               |
@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from devkit.sandbox.dataverse import batching, bulk, handlers, metadata, query, scope
+from devkit.sandbox.dataverse import batching, bulk, handlers, metadata_query, query, scope
 from devkit.sandbox.dataverse.errors import (
     ODATA,
     UNEXPECTED,
@@ -96,11 +96,11 @@ class DataverseApi:
                     404, ODATA, f"No HTTP resource was found that matches the request URI '{request.url}'."
                 )
             return self.who_am_i()
-        if head.name == "EntityDefinitions":
+        if head.name in metadata_query.ROOTS:
             if method != "GET":
                 raise _not_allowed(method)
             scope.charge(self.costs.metadata_ms)
-            return handlers.json_response(metadata.answer(self.org, segments, dict(request.query_params)))
+            return handlers.json_response(metadata_query.answer(self.org, segments, dict(request.query_params)))
         definition = self.org.table_def(head.name)
         if method in ("POST", "PATCH", "PUT"):
             # Read the body before looking the row up: no await may fall between the lookup and the write.
