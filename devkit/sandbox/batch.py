@@ -9,7 +9,7 @@ through an httpx client: a 1000-part batch then costs the handlers' work, not
 middleware logs them but injects no faults of its own (the `$batch` request
 already had its chance).
 
-Wire rules (wire-formats.md 1.7): lines must end in CRLF ("Stream was not
+Wire rules (docs/wire-formats.md 1.7): lines must end in CRLF ("Stream was not
 readable" otherwise); a change set is atomic and holds only writes;
 `$<Content-ID>` refers to an earlier part of the same change set, in the URL
 or as the value of an `@odata.bind` / `@odata.id`.

@@ -1,7 +1,7 @@
 """Dataverse-shaped errors: `{"error":{"code":..., "message":...}}` with the service's codes.
 
 Handlers raise `DataverseError`; one exception handler renders it. The codes and
-messages are the ones wire-formats.md §1.2-§1.9 documents; where the spec is
+messages are the ones docs/wire-formats.md §1.2-§1.9 documents; where the spec is
 silent the emulator keeps the documented shape and says so in the docstring.
 """
 
@@ -14,7 +14,7 @@ from starlette.responses import Response
 ODATA_HEADERS = {"OData-Version": "4.0"}
 JSON_TYPE = "application/json; odata.metadata=minimal"
 
-# Codes the emulator answers with (wire-formats.md §1.4, §1.9).
+# Codes the emulator answers with (docs/wire-formats.md §1.4, §1.9).
 NOT_FOUND = "0x80040217"
 DUPLICATE = "0x80040237"
 SEGMENT_NOT_FOUND = "0x8006088a"

@@ -1,6 +1,6 @@
 """Entity-set and row handlers: query, create, read, update/upsert, delete, single columns.
 
-One function per kind of request, each reading like wire-formats.md §1.3:
+One function per kind of request, each reading like docs/wire-formats.md §1.3:
 POST answers 204 + `OData-EntityId` (201 with `return=representation`); PATCH
 is an upsert whose status depends on `If-Match` / `If-None-Match`; a PATCH that
 creates with `return=representation` answers 201, one that updates 200.

@@ -1,4 +1,4 @@
-"""Service protection API limits, per user, over a sliding window (wire-formats.md §1.9).
+"""Service protection API limits, per user, over a sliding window (docs/wire-formats.md §1.9).
 
 Three facets, as api-limits.md describes them: the number of requests, the
 combined execution time and the number of concurrent requests. The first two

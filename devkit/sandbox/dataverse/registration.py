@@ -1,6 +1,6 @@
 """Rules for webhook registration rows: service endpoints, processing steps and their images.
 
-Checked on every write to those tables (wire-formats.md §1.11): a webhook
+Checked on every write to those tables (docs/wire-formats.md §1.11): a webhook
 endpoint (contract 8) authenticates with a Webhook Key (4), Http Header (5) or
 Http Query String (6); types 5 and 6 carry `<settings><setting name= value=/></settings>`.
 A webhook step has no `configuration`. The emulator delivers asynchronous

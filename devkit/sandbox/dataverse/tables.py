@@ -3,7 +3,7 @@
 Loyalty columns follow templates.md and the msdyn_ tables' metadata; the
 registration tables (serviceendpoint, sdkmessage, sdkmessagefilter,
 sdkmessageprocessingstep, sdkmessageprocessingstepimage) follow the entity
-reference pages wire-formats.md §1.11 cites. A template whose entity set is not
+reference pages docs/wire-formats.md §1.11 cites. A template whose entity set is not
 built in gets a table derived from its field list.
 """
 

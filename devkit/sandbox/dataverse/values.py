@@ -3,7 +3,7 @@
 Stored forms are small and JSON-ready: str for strings, GUIDs (lower case) and
 dates (`YYYY-MM-DDTHH:MM:SSZ`, UTC, whole seconds, so that text order is time
 order), int for choices, whole numbers and versions, float for decimals, bool.
-Errors carry the codes and messages wire-formats.md §1.4 documents.
+Errors carry the codes and messages docs/wire-formats.md §1.4 documents.
 """
 
 from __future__ import annotations
