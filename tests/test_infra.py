@@ -163,6 +163,23 @@ def test_brackets_braces_and_parentheses_balance_outside_strings_and_comments() 
     assert stack == []
 
 
+def test_a_bicep_parser_written_outside_the_project_reads_the_whole_file() -> None:
+    """pycep-parser (Checkov's Bicep parser, a test dependency) parses main.bicep: a syntax error anywhere
+    fails here. What it reads agrees with the declarations, and every `dependsOn` names a declared resource
+    (the Bicep CLI, which would also check types, cannot be installed on these machines)."""
+    from pycep import BicepParser
+
+    parsed = BicepParser().parse(text=BICEP)
+    assert set(parsed["parameters"]) == set(PARAMS)
+    resources = parsed["resources"]
+    assert set(resources) == set(re.findall(r"^resource\s+(\w+)\s+'", BICEP, re.M))
+    assert {"functionAppName", "principalId"} <= set(parsed["outputs"])
+    for symbol, resource in resources.items():
+        assert resource["api_version"], symbol
+        for dependency in resource.get("config", {}).get("dependsOn", []):
+            assert dependency in resources, f"{symbol} depends on {dependency!r}, which is not declared"
+
+
 def test_every_param_and_var_is_used_and_every_resource_has_an_api_version() -> None:
     assert {"fnoUrl", "dataverseUrl", "telemetryHashSalt", "alertEmail"} <= set(PARAMS)
     declarations = re.compile(r"^(param|var)\s+(\w+)", re.M)
