@@ -1,6 +1,6 @@
 """Templates: the shipped files say exactly what templates.md says, and every bad file is refused clearly.
 
-The expected tables below are copied by hand from /work/shared/spec/templates.md, not derived
+The expected tables below are copied by hand from the specification of the three templates, not derived
 from the code, so a drift in either the JSON files or the loader shows up here.
 """
 
