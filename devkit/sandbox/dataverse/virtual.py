@@ -43,7 +43,6 @@ from devkit.sandbox.dataverse.schema import Column, TableDef, boolean, decimal, 
 from devkit.sandbox.dataverse.webhooks import Dispatcher
 from devkit.sandbox.dataverse.webhooks import Route as StepRoute
 from devkit.sandbox.delivery import Outgoing
-from loyaltysync.events.fno import virtual_column
 from loyaltysync.templates import FieldMap, Template
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,9 @@ class VirtualTable:
 
 
 def _column(f: FieldMap) -> Column:
-    name = virtual_column(f)
+    # The Finance and Operations virtual entity solution names a field's column `mserp_<field, lower case>`;
+    # written here from that convention, not taken from the app's parser, so the two can disagree in a test.
+    name = "mserp_" + (f.fo or f.key).lower()
     if f.type == "integer":
         return integer(name)
     if f.type == "decimal":
