@@ -30,6 +30,7 @@ from devkit.sandbox.dataverse.errors import NOT_FOUND, ODATA, DataverseError, ba
 from devkit.sandbox.dataverse.metadata_types import NAMESPACE, TYPES, derives_from, navigation, properties
 from devkit.sandbox.dataverse.org import Organization
 from devkit.sandbox.dataverse.paths import Segment
+from devkit.sandbox.dataverse.query import split_top_level
 from devkit.sandbox.dataverse.schema import TableDef
 from devkit.sandbox.odata import ODataSyntaxError, evaluate, parse_filter, parse_key_predicate, parse_select
 from devkit.sandbox.odata import properties as filter_properties
@@ -51,21 +52,6 @@ def _unknown(name: str, type_name: str) -> DataverseError:
     return bad_request(f"Could not find a property named '{name}' on type '{NAMESPACE}{type_name}'.")
 
 
-def _split(text: str, separator: str) -> list[str]:
-    items: list[str] = []
-    current: list[str] = []
-    depth = 0
-    for char in text:
-        depth += (char == "(") - (char == ")")
-        if char == separator and depth == 0:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    items.append("".join(current))
-    return [i.strip() for i in items if i.strip()]
-
-
 def parse_options(params: Mapping[str, str], type_name: str) -> Options:
     """Read `$select`, `$filter` and `$expand` for a resource of `type_name`; unknown names are 400s."""
     try:
@@ -81,13 +67,13 @@ def parse_options(params: Mapping[str, str], type_name: str) -> Options:
         if name not in structural:
             raise _unknown(name, type_name)
     expand = []
-    for item in _split(params.get("$expand", ""), ","):
+    for item in split_top_level(params.get("$expand", ""), ","):
         name, _, rest = item.partition("(")
         name = name.strip()
         if name not in navigable:
             raise _unknown(name, type_name)
         nested: dict[str, str] = {}
-        for option in _split(rest[:-1] if rest.endswith(")") else rest, ";"):
+        for option in split_top_level(rest[:-1] if rest.endswith(")") else rest, ";"):
             key, _, value = option.partition("=")
             if key.strip() not in _OPTIONS:
                 raise bad_request(f"The query option '{key.strip()}' is not supported inside $expand of metadata.")

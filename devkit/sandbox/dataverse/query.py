@@ -61,7 +61,7 @@ def _syntax(exc: ODataSyntaxError) -> DataverseError:
     return DataverseError(400, ODATA, exc.message)
 
 
-def _split_top_level(text: str, separator: str) -> list[str]:
+def split_top_level(text: str, separator: str) -> list[str]:
     items: list[str] = []
     current: list[str] = []
     depth = 0
@@ -79,13 +79,13 @@ def _split_top_level(text: str, separator: str) -> list[str]:
 def parse_expand(definition: TableDef, text: str) -> list[Expand]:
     """`nav($select=a,b),nav2` for single-valued navigation properties (lookups)."""
     expands = []
-    for item in _split_top_level(text, ","):
+    for item in split_top_level(text, ","):
         name, _, options = item.partition("(")
         column = definition.navigation.get(name.strip())
         if column is None:
             raise unknown_property(name.strip(), definition.logical_name)
         select = None
-        for option in _split_top_level(options.rstrip(")"), ";"):
+        for option in split_top_level(options.rstrip(")"), ";"):
             key, _, value = option.partition("=")
             if key.strip() != "$select":
                 raise bad_request(f"The query option '{key.strip()}' is not supported inside $expand by the sandbox.")
