@@ -8,7 +8,7 @@ reward points are poisoned on purpose (a currency Dataverse does not know).
 
 Many actors play at once, each on a record of its own (operations on one
 record are played one after another, as one person would), and keep within
-the rules that make the end state computable (tests/chaos/model.py):
+the rules that make the end state computable (devkit/sim/model.py):
 - an edit of a field on the other side than its last edit waits until
   CROSS_GAP seconds have passed and both sides show the same value;
 - a re-create waits until both sides agree the record is gone;
@@ -46,7 +46,7 @@ from loyaltysync.targets.fno import FnoClient
 from loyaltysync.targets.http import RetryPolicy
 from loyaltysync.templates import Side, Template
 from tests.chaos.harness import Admin, queue_depth
-from tests.chaos.model import FieldSpec, Model, Op, dv_values, fo_values, key_spec
+from devkit.sim.model import FieldSpec, Model, Op, dv_values, fo_values, key_spec
 
 CROSS_GAP = 10.0  # > the 8 s lease of a killed process's message (5 s after a crash), plus its re-run
 CONFLICT_GAP = 1.3  # > Dataverse's one-second modifiedon precision

@@ -11,7 +11,7 @@
    faults off, run one full reconcile pass (its queued records are the
    "corrections"), drain again.
 4. Judge, independently of the engine: both sides equal field by field and as
-   the model computes (tests/chaos/model.py); the dead letters are exactly the
+   the model computes (devkit/sim/model.py); the dead letters are exactly the
    poisoned records (which then replay once their currency exists); no record
    created more often than the operations explain; sync writes within the
    bound the operations allow (no ping-pong).
@@ -51,7 +51,7 @@ from loyaltysync.templates import Side, other_side
 from tests.chaos import faults
 from tests.chaos.generator import CONFLICT_ORDERS, DEFAULT_CONFLICTS, POISON_CURRENCY, Generator
 from tests.chaos.harness import Admin, chaos_stack, settle
-from tests.chaos.model import Model, Verdict, compare, dv_values, fo_values, key_spec
+from devkit.sim.model import Model, Verdict, compare, dv_values, fo_values, key_spec
 from tests.chaos.worker_process import DEFAULT_KILL_RATE, SecondInstance, instance_env
 
 REDUCED = 2000

@@ -1,6 +1,6 @@
 """Convergence under faults (issue #7): the reduced chaos run inside `make test`.
 
-See tests/chaos/run.py for what is played and judged, tests/chaos/model.py for
+See tests/chaos/run.py for what is played and judged, devkit/sim/model.py for
 the rules of the expected end state, tests/chaos/faults.py for the faults.
 """
 

@@ -1,4 +1,4 @@
-"""The chaos run's model of the expected end state follows its documented rules (tests/chaos/model.py)."""
+"""The chaos run's model of the expected end state follows its documented rules (devkit/sim/model.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from loyaltysync.templates import default_mappings_dir, load_templates
-from tests.chaos.model import Model, Op, Verdict, compare, dv_values, field_specs, fo_values
+from devkit.sim.model import Model, Op, Verdict, compare, dv_values, field_specs, fo_values
 
 TEMPLATES = load_templates(default_mappings_dir())
 CARDS = "loyalty-cards"

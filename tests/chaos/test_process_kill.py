@@ -22,7 +22,7 @@ from loyaltysync.templates import default_mappings_dir, function_safe, load_temp
 from tests.chaos import faults
 from tests.chaos.generator import Generator, Record
 from tests.chaos.harness import Admin, chaos_stack, settle
-from tests.chaos.model import Model
+from devkit.sim.model import Model
 from tests.chaos.worker_process import SecondInstance, instance_env
 
 TEMPLATE = "loyalty-levels"
