@@ -26,10 +26,10 @@ import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from loyaltysync import mapping
+from loyaltysync import mapping, timesource
 from loyaltysync.bulk.source import Source
 from loyaltysync.errors import MappingError
 from loyaltysync.events.model import ChangeEvent
@@ -243,7 +243,7 @@ async def reconcile_full(
 async def reconcile_incremental(runtime: Runtime, template: Template) -> ReconcileReport:
     """Compare what changed since the watermark with the agreed state; queue the differences."""
     report = ReconcileReport(template.name, full=False)
-    started = datetime.now(UTC)
+    started = timesource.utc()
     mark = await runtime.control.get(WATERMARK_SCOPE, template.name)
     since = None
     if mark and mark.get("at"):

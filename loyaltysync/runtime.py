@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -27,6 +25,7 @@ from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
+from loyaltysync import timesource
 from loyaltysync.lag import LagWindow
 from loyaltysync.settings import CredentialKind, Settings, load_settings
 from loyaltysync.state import ControlStore, DeadLetterStore, StateStore
@@ -61,7 +60,7 @@ class LatestDocuments:
         control: ControlStore,
         scope: str,
         interval: float,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = timesource.monotonic,
     ) -> None:
         self._control = control
         self._scope = scope
@@ -128,7 +127,7 @@ class Runtime:
     queues: QueueServiceClient
     _storage: TableStorage
     _credentials: list[AsyncTokenCredential]
-    clock: Callable[[], float] = field(default_factory=lambda: time.monotonic)  # ages the pause cache
+    clock: Callable[[], float] = field(default_factory=lambda: timesource.monotonic)  # ages the pause cache
     _queues_ready: set[str] = field(default_factory=set)
     _pause_cache: dict[str, tuple[bool, float]] = field(default_factory=dict)
     _successes: LatestDocuments | None = None
@@ -191,7 +190,7 @@ class Runtime:
 
     async def set_paused(self, template: str, paused: bool, reason: str = "") -> None:
         await self.control.set(
-            PAUSE_SCOPE, template, {"paused": paused, "reason": reason, "at": datetime.now(UTC).isoformat()}
+            PAUSE_SCOPE, template, {"paused": paused, "reason": reason, "at": timesource.utc().isoformat()}
         )
         self._pause_cache[template] = (paused, self.clock())
 

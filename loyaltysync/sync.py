@@ -19,14 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from loyaltysync import mapping
+from loyaltysync import mapping, timesource
 from loyaltysync.decide import (
     Agreed,
     Decision,
@@ -126,7 +124,7 @@ class Engine:
     ) -> None:
         self.templates = templates
         self.writing_elsewhere_s = writing_elsewhere_s
-        self.instance = uuid.uuid4().hex[:12]  # marks this process's intents: its own are never "elsewhere"
+        self.instance = timesource.new_id()[:12]  # marks this process's intents: its own are never "elsewhere"
         self.fno = fno
         self.dataverse = dataverse
         self.lookups = lookups
@@ -641,7 +639,7 @@ def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> fl
         return 0.0
     if at is None:
         return 0.0
-    return max(0.0, within_s - (datetime.now(UTC) - at).total_seconds())
+    return max(0.0, within_s - (timesource.utc() - at).total_seconds())
 
 
 def _after_intent(pending: dict[str, dict[str, Any]], event: ChangeEvent, operation: str) -> Side | None:

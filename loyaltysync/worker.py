@@ -22,16 +22,14 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 
-from loyaltysync import telemetry
+from loyaltysync import telemetry, timesource
 from loyaltysync.errors import MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.mapping import parse_datetime
@@ -123,7 +121,7 @@ async def _handle_event(
     if event.wire_format == "recheck" and await _recheck_waits(runtime, event, body):
         return None
     if event.wire_format not in ("recheck", "reconcile") and retry is None and dequeue_count == 1:
-        runtime.lag.observe(event.template, _age_seconds(event.received_at), time.monotonic())
+        runtime.lag.observe(event.template, _age_seconds(event.received_at), timesource.monotonic())
     try:
         outcome = await _process(runtime, event)
     except MappingError as exc:
@@ -168,7 +166,7 @@ async def _retry_later(
     retry budget is spent. Raises `exc` when the change cannot be put back, for the host's retry."""
     recorder = telemetry.current()
     code = exc.code or str(exc.status)
-    verdict = retry_schedule(runtime).after_failure(retry, datetime.now(UTC), str(exc), exc.retry_after)
+    verdict = retry_schedule(runtime).after_failure(retry, timesource.utc(), str(exc), exc.retry_after)
     if isinstance(verdict, GiveUp):
         reason = f"gave up after {verdict.state.attempts} attempts in {_duration(verdict.waited_s)}: {exc}"
         await _park(runtime, event, reason, code, status=exc.status)
@@ -268,7 +266,7 @@ async def _recheck_waits(runtime: Runtime, event: ChangeEvent, body: str) -> boo
     edit made before the deferral is dated by its own event before the conflict is decided. Never past
     MAX_RECHECK_DELAY_S after the deferral; True when put back."""
     since = _age_seconds(event.modified_on)
-    behind = runtime.lag.recent(event.template, time.monotonic())
+    behind = runtime.lag.recent(event.template, timesource.monotonic())
     needed = runtime.settings.conflict_grace_seconds + behind
     if since >= needed or since >= MAX_RECHECK_DELAY_S:
         return False
@@ -286,7 +284,7 @@ def _age_seconds(moment: str | None) -> float:
         at = parse_datetime(moment) if moment else None
     except ValueError:
         return 0.0
-    return 0.0 if at is None else max(0.0, (datetime.now(UTC) - at).total_seconds())
+    return 0.0 if at is None else max(0.0, (timesource.utc() - at).total_seconds())
 
 
 async def _park(runtime: Runtime, event: ChangeEvent, reason: str, code: str, *, status: int | None = None) -> None:
@@ -313,7 +311,7 @@ async def _succeeded(runtime: Runtime, event: ChangeEvent, outcome: Outcome) -> 
     # Written at most once per LAST_SUCCESS_WRITE_SECONDS per direction; ops status also shows the unwritten latest.
     await runtime.successes.put(
         f"{event.template}:{event.side}",
-        {"at": datetime.now(UTC).isoformat(), "key": outcome.key, "reason": outcome.reason, "event_id": event.event_id},
+        {"at": timesource.utc().isoformat(), "key": outcome.key, "reason": outcome.reason, "event_id": event.event_id},
     )
     recorder = telemetry.current()
     recorder.outcome(event, outcome)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
+from loyaltysync import timesource
 from loyaltysync.templates import Side
 
 Operation = Literal["create", "update", "delete"]
@@ -45,7 +45,7 @@ def derived_event_id(facts: dict[str, Any]) -> str:
 
 def utc_now() -> str:
     """Now, as the ISO-8601 UTC string used throughout events and state."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return timesource.utc().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(slots=True)
@@ -69,7 +69,7 @@ class ChangeEvent:
     row_id: str | None = None
     source_version: str | None = None
     modified_on: str | None = None
-    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    event_id: str = field(default_factory=lambda: str(uuid.UUID(timesource.new_id())))
     correlation_id: str | None = None
     initiating_user: str | None = None
     received_at: str = field(default_factory=utc_now)

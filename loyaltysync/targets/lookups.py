@@ -10,11 +10,11 @@ Dataverse string comparison.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from loyaltysync import timesource
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.odata import any_of_filter, is_guid
 from loyaltysync.templates import Lookup
@@ -45,7 +45,7 @@ class LookupCache:
         negative_ttl: float = 60.0,
         max_entries: int = 10_000,
         values_per_query: int = 50,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = timesource.monotonic,
     ) -> None:
         self._client = client
         self._ttl = ttl
