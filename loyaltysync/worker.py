@@ -43,6 +43,9 @@ log = logging.getLogger("loyaltysync.worker")
 
 DEFAULT_MAX_DEQUEUE = 5
 MAX_RECHECK_DELAY_S = 600
+# The queue extension leases a message it hands to an instance for 10 minutes (renewed while the function
+# runs): a message held by an instance that dies comes back only when that lease runs out.
+QUEUE_LEASE_S = 600
 
 Observer = Callable[[ChangeEvent, "Outcome | None", "str | None"], None]
 OBSERVERS: list[Observer] = []
@@ -239,14 +242,17 @@ async def _recheck_later(runtime: Runtime, event: ChangeEvent, outcome: Outcome)
     change is the later one, whatever its event says when it comes.
 
     A deferral that waits for the event telling what an interrupted step did (a person's delete
-    or create after the step's intent) waits the grace alone: that change was made after the
-    intent, and this event's lag (often a message delivered again after its process died) says
-    nothing about when its event comes.
+    or create after the step's intent) waits the grace plus the queue's message lease: that event
+    may be held by an instance that died (the crash that interrupted the step, or another), and
+    comes back only when the lease runs out; this event's own lag says nothing about it.
     """
     deferred = {c["field"]: c["fo"] for c in outcome.conflicts if c["winner"] is None}
     interrupted = all(name == WHOLE_RECORD for name in deferred)
-    lag = 0.0 if interrupted else _age_seconds(event.modified_on or event.received_at)
-    delay = min(MAX_RECHECK_DELAY_S, max(runtime.settings.conflict_grace_seconds, math.ceil(2 * lag)))
+    if interrupted:
+        delay = runtime.settings.conflict_grace_seconds + QUEUE_LEASE_S
+    else:
+        lag = _age_seconds(event.modified_on or event.received_at)
+        delay = min(MAX_RECHECK_DELAY_S, max(runtime.settings.conflict_grace_seconds, math.ceil(2 * lag)))
     recheck = replace(
         event,
         complete=False,

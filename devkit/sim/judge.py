@@ -1,0 +1,224 @@
+"""The simulation's judge: docs/consistency.md's guarantees, checked against the simulation's own history.
+
+It reads only what the simulated services recorded (every committed change, by a person or by the
+sync, with the true virtual time it was made), when F&O's events were processed, and the final
+rows. It never reads the engine's sync state. The rules, numbered as in docs/consistency.md:
+
+- C1 both sides equal: after the load stops, the backlog drains and one reconcile pass ran, every
+  record is on both sides or on neither, with equal values in every mapped field.
+- C2 existence: a record exists at the end when a person's create is its last create-or-delete,
+  and is gone when a delete is (an edit racing a delete does not bring it back). One exception: a
+  re-create made before the sync copied the delete of the earlier record (no sync delete on the
+  re-creating side between the two) may be undone by that delete; both sides still agree.
+- C3 values: per mapped field, the value of the latest person's write of it since the record's last
+  create (a create writes every field its side sends). Two writes of one field on different sides
+  less than G seconds apart may resolve either way. An F&O write whose event was not processed
+  within the grace (late, lost, or held by a crashed instance), made before the sync had copied an
+  earlier Dataverse write of that field to F&O, may lose to that Dataverse write.
+- C4 no duplicates: the sync creates a record on one side at most once per person's create of it
+  on the other side.
+- C5 bounded writes: the sync writes a record at most WRITE_FACTOR times per person's write of it,
+  plus WRITE_SLACK (a ping-pong grows without bound).
+- C6 nothing parked but what was poisoned on purpose; no message left in any queue; no exception
+  escaped the code under test; every webhook a service sent was accepted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from devkit.sim.model import FieldSpec
+from loyaltysync.templates import Side
+
+Actor = Literal["person", "sync"]
+Kind = Literal["create", "update", "delete"]
+G_SECONDS = 3.0  # service clocks within +-1 s of true time, times kept to whole seconds
+WRITE_FACTOR = 3
+WRITE_SLACK = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One change a service committed. `values`: the fields it set, in the model's form (F&O terms)."""
+
+    seq: int
+    at: float
+    side: Side
+    template: str
+    key: str
+    actor: Actor
+    kind: Kind
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Finding:
+    rule: str
+    template: str
+    key: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.rule} {self.template} {self.key}: {self.detail}"
+
+
+def _other(side: Side) -> Side:
+    return "dataverse" if side == "fo" else "fo"
+
+
+class Judge:
+    """Checks one template's records. `processed`: write seq -> when its F&O event was first applied."""
+
+    def __init__(self, specs: Mapping[str, list[FieldSpec]], *, grace_s: float, g_s: float = G_SECONDS) -> None:
+        self.specs = specs
+        self.grace_s = grace_s
+        self.g_s = g_s
+
+    def record(
+        self,
+        template: str,
+        key: str,
+        writes: Iterable[Write],
+        fo: Mapping[str, Any] | None,
+        dv: Mapping[str, Any] | None,
+        processed: Mapping[int, float],
+    ) -> list[Finding]:
+        history = sorted(writes, key=lambda w: w.seq)
+        found: list[Finding] = []
+
+        def note(rule: str, detail: str) -> None:
+            found.append(Finding(rule, template, key, detail))
+
+        specs = self.specs[template]
+        if (fo is None) != (dv is None):
+            note("C1", f"only in {'F&O' if dv is None else 'Dataverse'}")
+        elif fo is not None and dv is not None:
+            differing = [s.fo for s in specs if fo.get(s.fo) != dv.get(s.fo)]
+            if differing:
+                note("C1", "; ".join(f"{n}: F&O {fo.get(n)!r} / Dataverse {dv.get(n)!r}" for n in differing))
+        people = [w for w in history if w.actor == "person"]
+        structural = [w for w in people if w.kind != "update"]
+        last = structural[-1] if structural else None
+        present = fo is not None or dv is not None
+        if last is None or last.kind == "delete":
+            if present:
+                note("C2", f"present, but its last create-or-delete was a delete ({_describe(last)})")
+        elif not present and not self._racing_recreate(last, history):
+            note("C2", f"gone, but a person created it last ({_describe(last)})")
+        elif present:
+            for side, row in (("fo", fo), ("dataverse", dv)):
+                if row is not None:
+                    for problem in self._values(specs, last, history, row, processed):
+                        note("C3", f"in {'F&O' if side == 'fo' else 'Dataverse'}: {problem}")
+        for side in ("fo", "dataverse"):
+            made = sum(1 for w in history if w.actor == "sync" and w.kind == "create" and w.side == side)
+            asked = sum(1 for w in people if w.kind == "create" and w.side == _other(side))  # type: ignore[arg-type]
+            if made > asked:
+                note("C4", f"the sync created it {made} times in {side}, people created it {asked} times in the other")
+        synced = sum(1 for w in history if w.actor == "sync")
+        if synced > WRITE_FACTOR * len(people) + WRITE_SLACK:
+            note("C5", f"{synced} sync writes for {len(people)} person's writes")
+        return found
+
+    def _racing_recreate(self, create: Write, history: list[Write]) -> bool:
+        """A re-create made before the sync deleted the record on its side after a delete on the other side."""
+        for delete in history:
+            if delete.actor != "person" or delete.kind != "delete" or delete.side == create.side:
+                continue
+            if delete.at > create.at:
+                continue
+            copied = any(
+                w.actor == "sync" and w.kind == "delete" and w.side == create.side and delete.at <= w.at <= create.at
+                for w in history
+            )
+            if not copied:
+                return True
+        return False
+
+    def _values(
+        self,
+        specs: list[FieldSpec],
+        create: Write,
+        history: list[Write],
+        row: Mapping[str, Any],
+        processed: Mapping[int, float],
+    ) -> list[str]:
+        problems = []
+        starts = [create, *self._merged_incarnations(create, history)]
+        for spec in specs:
+            if spec.is_key:
+                continue
+            allowed: list[Any] = []
+            for start in starts:
+                since = [w for w in history if w.seq >= start.seq and w.kind != "delete"]
+                allowed.extend(v for v in self._allowed(spec, start, since) if v not in allowed)
+            value = row.get(spec.fo)
+            if value not in allowed:
+                problems.append(f"{spec.fo} is {value!r}, expected {' or '.join(repr(v) for v in allowed)}")
+        return problems
+
+    def _merged_incarnations(self, create: Write, history: list[Write]) -> list[Write]:
+        """Earlier creates the last one may be merged with (C2's second rule): a delete and re-create on one
+        side, made before the sync copied the delete to the other side, may be taken for an edit."""
+        found: list[Write] = []
+        current = create
+        while True:
+            before = [w for w in history if w.seq < current.seq and w.actor == "person" and w.kind != "update"]
+            if len(before) < 2 or before[-1].kind != "delete" or before[-1].side != current.side:
+                return found
+            delete = before[-1]
+            copied = any(w.actor == "sync" and w.kind == "delete" and w.side != delete.side
+                         and delete.at <= w.at <= current.at for w in history)
+            previous = next((w for w in reversed(before[:-1]) if w.kind == "create"), None)
+            if copied or previous is None:
+                return found
+            found.append(previous)
+            current = previous
+
+    def _allowed(self, spec: FieldSpec, create: Write, since: list[Write]) -> list[Any]:
+        latest: dict[Side, Write] = {}
+        for w in since:
+            if w.actor == "person" and spec.fo in w.values and spec.flows_from(w.side):
+                latest[w.side] = w
+        if not latest:
+            # Not written since the create by a side it flows from: the create's value, or empty when the
+            # create was made on a side the field does not flow from.
+            return [create.values.get(spec.fo) if spec.flows_from(create.side) else None]
+        ordered = sorted(latest.values(), key=lambda w: (w.at, w.seq))
+        winner = ordered[-1]
+        allowed = [winner.values[spec.fo]]
+        if len(ordered) == 2:
+            loser = ordered[0]
+            if winner.at - loser.at < self.g_s or self._concurrent_fo_edit(spec, winner, loser, since):
+                allowed.append(loser.values[spec.fo])
+        return allowed
+
+    @staticmethod
+    def _concurrent_fo_edit(spec: FieldSpec, winner: Write, loser: Write, since: list[Write]) -> bool:
+        """C3's second exception: the later write is F&O's, made before the sync copied the Dataverse write
+        to F&O. F&O rows carry no modified time and its events name no user: an F&O edit putting back the
+        value both sides agreed on looks like the sync's own copy."""
+        if winner.side != "fo":
+            return False
+        copied = any(
+            w.actor == "sync" and w.side == "fo" and w.values.get(spec.fo) == loser.values[spec.fo]
+            and loser.at <= w.at <= winner.at
+            for w in since
+        )
+        return not copied
+
+
+def _describe(write: Write | None) -> str:
+    if write is None:
+        return "never created"
+    return f"{write.kind} in {write.side} at {write.at:.3f} s (#{write.seq})"
+
+
+def by_record(writes: Iterable[Write]) -> dict[tuple[str, str], list[Write]]:
+    grouped: dict[tuple[str, str], list[Write]] = defaultdict(list)
+    for w in writes:
+        grouped[(w.template, w.key)].append(w)
+    return grouped
