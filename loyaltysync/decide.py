@@ -297,101 +297,6 @@ def agreed_from_state(values: Canonical | None, deleted: bool) -> Agreed:
     return Agreed(values=dict(values), exists=not deleted)
 
 
-def with_pending(
-    agreed: Agreed,
-    pending: dict[str, Canonical],
-    records: dict[Side, SideRecord],
-    *,
-    deleted: Side | None = None,
-    recreated: Side | None = None,
-    echo: tuple[Side, Canonical] | None = None,
-    overwritten: tuple[Side, list[str]] | None = None,
-    created_by_sync: Side | None = None,
-) -> Agreed:
-    """The agreed state, counting what an interrupted sync step did as agreed where it landed.
-
-    A step stores what it is about to do (`pending`: per side the values it writes, with
-    `@create` for a create, or `@delete`) before doing it. If it died before storing the
-    outcome:
-    - a side holding exactly the pending values holds the sync's own copy of the other
-      side's values, not a new edit: those values were agreed (and a create that landed
-      means the record existed on both sides), so the copy cannot win a conflict against
-      the edit that came after it, nor a later delete on the other side look like a create;
-    - a side the step was deleting that is gone was deleted by the sync: the record is a
-      tombstone, so a re-create on the other side is copied, not taken for a delete; so is
-      a side the step was deleting that holds another row now (another Dataverse row id than
-      the one the step read, `@row_id`, or `recreated`: its create event is later than the
-      intent): the delete landed and a person created the record again since;
-    - a side the step was creating the record on, whose delete event is being processed
-      (`deleted`), had the record: the create landed, and the delete propagates;
-    - a side the step was creating the record on whose row the sync is known to have created
-      (`created_by_sync`: Dataverse's `createdby`) had every value the step created it with;
-    - a side the step was creating the record on that holds other values, whose create event
-      is later than the intent and not the sync's (`recreated`), holds a person's new record:
-      whether or not the step's create landed, that record is new, as after a tombstone;
-    - a side whose `echo` (the values the event of the sync's own write there carried, or the
-      pre-image of a person's later change there: the row just before it) holds the pending
-      values had them written, even if a person has changed them again since (a person who put
-      back the old value made a change, not nothing);
-    - fields of a side that a person wrote after the intent was stored (`overwritten`: named by
-      that side's event, which is later than the intent) hold that person's values now, whether
-      or not the step's write landed before: against the intended values they are a change.
-    """
-    merged = dict(agreed.values)
-    landed = False
-    if overwritten is not None:
-        side, names = overwritten
-        values = records[side].values or {}
-        intent = pending.get(side) or {}
-        later = {n: intent[n] for n in names if n in intent and not n.startswith("@") and values.get(n) != intent[n]}
-        if later and not intent.get("@create") and not intent.get("@delete") and records[side].exists:
-            merged.update(later)
-            landed = True
-    if echo is not None:
-        side, values = echo
-        intent = pending.get(side) or {}
-        written = {name: value for name, value in intent.items() if not name.startswith("@")}
-        shown = [name for name in written if name in values]  # lookups arrive as row ids: not shown
-        if shown and all(values[name] == written[name] for name in shown):
-            merged.update(written)
-            landed = True
-    for side, record in records.items():
-        intent = pending.get(side) or {}
-        if intent.get("@delete"):
-            if not record.exists or side == recreated or another_row(intent, record):
-                return Agreed(values=merged, exists=False)
-            continue
-        if record.values is None:
-            landed = landed or (bool(intent.get("@create")) and side == deleted)
-            continue
-        if intent.get("@create") and side == recreated and not holds(intent, record):
-            return Agreed(values=merged, exists=False)
-        if intent.get("@create") and side == created_by_sync:
-            # The row holds every value the step created it with, or held them (a value changed since
-            # is a person's change), whatever a tombstone remembers of an earlier record with this key.
-            merged.update({name: value for name, value in intent.items() if not name.startswith("@")})
-            landed = True
-            continue
-        landed = landed or bool(intent.get("@create"))
-        for name, value in intent.items():
-            if not name.startswith("@") and record.values.get(name) == value:
-                merged[name] = value
-                landed = True
-    return Agreed(values=merged, exists=True) if landed else agreed
-
-
-def holds(intent: Canonical, record: SideRecord) -> bool:
-    """Whether a side's record holds every value an intent was writing there."""
-    values = record.values or {}
-    return all(values.get(name) == value for name, value in intent.items() if not name.startswith("@"))
-
-
-def another_row(intent: Canonical, record: SideRecord) -> bool:
-    """Whether a side's record is another row than the one an intent was read from (row ids known)."""
-    was = intent.get("@row_id")
-    return bool(was and record.row_id and was != record.row_id)
-
-
 __all__ = [
     "MISSING",
     "NO_STATE",
@@ -400,11 +305,8 @@ __all__ = [
     "Decision",
     "SideRecord",
     "agreed_from_state",
-    "another_row",
     "decide",
-    "holds",
     "is_newer",
     "is_stale",
     "latest",
-    "with_pending",
 ]

@@ -13,7 +13,8 @@ reasons.
 On the queue a retried change is its ChangeEvent JSON with one more top-level
 key, `"retry"`; everything else (event id, correlation id, trace context,
 versions) is the change exactly as it first came, so the engine judges it as it
-would a redelivery.
+would a redelivery. A re-check (a change deferred until a later event could
+decide it) carries a `Deferral` under `"deferral"` the same way.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import json
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from loyaltysync.events.model import ChangeEvent
 
 RETRY_KEY = "retry"
+DEFERRAL_KEY = "deferral"
+_LEGACY_WHOLE_RECORD = "(record)"  # the field name an earlier version's re-check used for a whole-record wait
 MAX_QUEUE_DELAY_S = 7 * 24 * 3600  # Put Message: the visibility timeout cannot exceed 7 days
 _MAX_REASON = 500
 
@@ -62,6 +65,40 @@ class RetryState:
         moment = datetime.fromisoformat(first.replace("Z", "+00:00"))
         moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
         return cls(attempts, moment.astimezone(UTC), reason if isinstance(reason, str) else str(reason))
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """A change looked at again later because only a later event could decide it: a re-check.
+
+    `at`: when it was deferred (ISO UTC); `reason`: the rule that deferred it. What waits: `fields`,
+    conflicting fields, with F&O's values of them at the deferral (a different value at the re-check
+    was written after the deferral), or the whole record (`whole_record`: what an interrupted step
+    did, which only an event still to come could tell). Carried under the message's `"deferral"` key
+    next to the change, which is kept as it came.
+    """
+
+    at: str
+    reason: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+    whole_record: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object carried under the message's `"deferral"` key."""
+        return {"at": self.at, "reason": self.reason, "fields": dict(self.fields), "whole_record": self.whole_record}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Deferral:
+        """Inverse of `as_dict`; raises ValueError on anything else."""
+        if not isinstance(data, dict):
+            raise ValueError("deferral must be a JSON object")
+        at, reason, fields = data.get("at"), data.get("reason", ""), data.get("fields") or {}
+        if not isinstance(at, str) or not at:
+            raise ValueError(f"deferral.at must be an ISO-8601 time, got {at!r}")
+        if not isinstance(fields, dict):
+            raise ValueError("deferral.fields must be a JSON object")
+        whole = data.get("whole_record") is True
+        return cls(at, reason if isinstance(reason, str) else str(reason), dict(fields), whole)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,24 +176,59 @@ class RetrySchedule:
         return waits
 
 
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One queue message: the change as it came, its retry state and, for a re-check, its deferral."""
+
+    event: ChangeEvent
+    retry: RetryState | None = None
+    deferral: Deferral | None = None
+
+
+def read_envelope(body: str | bytes) -> Envelope:
+    """The change a queue message carries, with its retry state and deferral (None when absent).
+
+    A re-check queued by an earlier version (a ChangeEvent with `wire_format="recheck"` whose `fields`
+    held F&O's deferred values, `"(record)"` for a whole-record wait, and `modified_on` the deferral's
+    moment) is read as its Deferral. Raises ValueError/TypeError for a message that is not a change.
+    """
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("a change message must be a JSON object")
+    retry = RetryState.from_dict(data.pop(RETRY_KEY)) if RETRY_KEY in data else None
+    deferral = Deferral.from_dict(data.pop(DEFERRAL_KEY)) if DEFERRAL_KEY in data else None
+    event = ChangeEvent.from_json(json.dumps(data))
+    if deferral is None and event.wire_format == "recheck":
+        fields = {name: value for name, value in event.fields.items() if name != _LEGACY_WHOLE_RECORD}
+        at = event.modified_on or event.received_at
+        deferral = Deferral(at, "re-check queued by an earlier version", fields, _LEGACY_WHOLE_RECORD in event.fields)
+    return Envelope(event, retry, deferral)
+
+
 def read_message(body: str | bytes) -> tuple[ChangeEvent, RetryState | None]:
     """The change a queue message carries and its retry state (None on a first delivery).
 
     Raises ValueError/TypeError for a message that is not a change.
     """
-    data = json.loads(body)
-    if isinstance(data, dict) and RETRY_KEY in data:
-        state = RetryState.from_dict(data.pop(RETRY_KEY))
-        return ChangeEvent.from_json(json.dumps(data)), state
-    return ChangeEvent.from_json(body), None
+    envelope = read_envelope(body)
+    return envelope.event, envelope.retry
 
 
 def with_retry(body: str, state: RetryState | None) -> str:
     """The queue message `body` (a change, retried or not) carrying `state` instead (none when None)."""
+    return _with_key(body, RETRY_KEY, state.as_dict() if state is not None else None)
+
+
+def with_deferral(body: str, deferral: Deferral | None) -> str:
+    """The queue message `body` carrying `deferral` instead (none when None): a re-check of the change."""
+    return _with_key(body, DEFERRAL_KEY, deferral.as_dict() if deferral is not None else None)
+
+
+def _with_key(body: str, key: str, value: dict[str, Any] | None) -> str:
     data = json.loads(body)
     if not isinstance(data, dict):
         raise ValueError("a change message must be a JSON object")
-    data.pop(RETRY_KEY, None)
-    if state is not None:
-        data[RETRY_KEY] = state.as_dict()
+    data.pop(key, None)
+    if value is not None:
+        data[key] = value
     return json.dumps(data, separators=(",", ":"), sort_keys=True)

@@ -18,12 +18,13 @@ import builtins
 import copy
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from loyaltysync.errors import ConcurrencyError, LoyaltySyncError
 from loyaltysync.events.model import utc_now
+from loyaltysync.intent import Intent
 from loyaltysync.templates import Side
 
 Clock = Callable[[], str]
@@ -57,14 +58,15 @@ class SyncRecord:
     `versions` and `modified` hold, per side ("fo" / "dataverse"), the last source
     version and source modified time (ISO UTC) applied (for F&O, whose rows carry no
     modified time, the latest event time seen: a lower bound of its current value's
-    time; `modified["fo:<field>"]` per field, from update events that name their fields);
-    `versions["dataverse:written"]` is there while the sync's last Dataverse write is newer
-    than its last read there (see `sync._written_since_read`). `deleted` marks a tombstone
-    so a late event for a deleted key is recognised.
-    `pending` holds, per side, the values a sync step is about to write there: stored
-    before the write, cleared with the new agreed values after it, so a step that dies
-    in between leaves proof that those values are the sync's own copy, not a person's
-    edit. `etag` is None until stored; `updated_at` is set by the store on every write.
+    time); `fo_field_times` the same per F&O field, from update events that name their
+    fields. `written_since_read` is True while the sync's last Dataverse write is newer
+    than its last read there (see `sync._written_since_read`), `dataverse_written_at`
+    when the sync last wrote Dataverse (its own clock). `deleted` marks a tombstone so a
+    late event for a deleted key is recognised.
+    `intent` is what a sync step is about to do (`loyaltysync.intent`): stored before its
+    writes, cleared with the new agreed values after them, so a step that dies in between
+    leaves proof that those values are the sync's own copy, not a person's edit.
+    `etag` is None until stored; `updated_at` is set by the store on every write.
     """
 
     template: str
@@ -76,7 +78,10 @@ class SyncRecord:
     deleted: bool = False
     updated_at: str = field(default_factory=utc_now)
     etag: str | None = None
-    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
+    intent: Intent | None = None
+    written_since_read: bool = False
+    dataverse_written_at: str | None = None
+    fo_field_times: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -225,22 +230,69 @@ def check_text(what: str, text: str, limit: int = MAX_PROPERTY_UNITS) -> None:
 
 
 def encode_record(record: SyncRecord) -> dict[str, str]:
-    """The JSON texts stored for a record's values, versions and modified times (checked for size).
+    """The JSON texts stored for a record (checked for size); `intent` and `bookkeeping` are "" when unset.
 
     Raises TypeError when a value is not a JSON scalar, StateSizeError when too large.
     """
     where = f"sync state {record.template}/{record.key}"
     check_text(f"{where}: template", record.template)
     check_text(f"{where}: key", record.key)
-    pending = [(f"pending {side} {name}", v) for side, values in record.pending.items() for name, v in values.items()]
-    for name, value in [*record.values.items(), *pending]:
+    sides = record.intent.sides.items() if record.intent else ()
+    intended = [(f"intent {side} {name}", v) for side, wanted in sides for name, v in wanted.values.items()]
+    for name, value in [*record.values.items(), *intended]:
         if value is not None and not isinstance(value, str | int | float | bool):
             raise TypeError(f"{where}: value of {name} is a {type(value).__name__}, not a JSON scalar")
+    bookkeeping: dict[str, Any] = {}
+    if record.written_since_read:
+        bookkeeping["written_since_read"] = True
+    if record.dataverse_written_at:
+        bookkeeping["dataverse_written_at"] = record.dataverse_written_at
+    if record.fo_field_times:
+        bookkeeping["fo_field_times"] = record.fo_field_times
     return {
         "values": dump_json(record.values, f"{where}: values"),
         "versions": dump_json(record.versions, f"{where}: versions"),
         "modified": dump_json(record.modified, f"{where}: modified"),
-        "pending": dump_json(record.pending, f"{where}: pending"),
+        "intent": dump_json(record.intent.as_dict(), f"{where}: intent") if record.intent else "",
+        "bookkeeping": dump_json(bookkeeping, f"{where}: bookkeeping") if bookkeeping else "",
+    }
+
+
+# Where the bookkeeping was kept before it had typed fields (read once, written no more).
+_LEGACY_WRITTEN_SINCE_READ = "dataverse:written"  # a key of `versions`
+_LEGACY_DATAVERSE_WRITTEN_AT = "dataverse:written-at"  # a key of `modified`
+_LEGACY_FO_FIELD_TIME = "fo:"  # keys of `modified`: "fo:<field>"
+
+
+def decode_record(texts: Mapping[str, str | None]) -> dict[str, Any]:
+    """The SyncRecord fields stored as `texts` (inverse of `encode_record`).
+
+    Also reads what an earlier version stored: the intent as magic-key JSON (see `Intent.from_dict`),
+    and the bookkeeping as keys of `versions` / `modified`, which move to their typed fields.
+    """
+    versions: dict[str, str | None] = json.loads(texts.get("versions") or "{}")
+    modified: dict[str, str | None] = json.loads(texts.get("modified") or "{}")
+    bookkeeping: dict[str, Any] = json.loads(texts.get("bookkeeping") or "{}")
+    written_since_read = bool(bookkeeping.get("written_since_read"))
+    if _LEGACY_WRITTEN_SINCE_READ in versions:
+        versions.pop(_LEGACY_WRITTEN_SINCE_READ)
+        written_since_read = True
+    written_at = bookkeeping.get("dataverse_written_at") or modified.pop(_LEGACY_DATAVERSE_WRITTEN_AT, None)
+    modified.pop(_LEGACY_DATAVERSE_WRITTEN_AT, None)
+    field_times: dict[str, str] = dict(bookkeeping.get("fo_field_times") or {})
+    for name in [name for name in modified if name.startswith(_LEGACY_FO_FIELD_TIME)]:
+        moment = modified.pop(name)
+        if moment:
+            field_times.setdefault(name[len(_LEGACY_FO_FIELD_TIME):], moment)
+    intent = json.loads(texts.get("intent") or "{}")
+    return {
+        "values": json.loads(texts.get("values") or "{}"),
+        "versions": versions,
+        "modified": modified,
+        "intent": Intent.from_dict(intent) if intent else None,
+        "written_since_read": written_since_read,
+        "dataverse_written_at": written_at,
+        "fo_field_times": field_times,
     }
 
 
@@ -349,15 +401,7 @@ class MemoryStateStore:
             raise ConcurrencyError(f"sync state {record.template}/{record.key} already exists")
         if record.etag is not None and (stored is None or stored.etag != record.etag):
             raise ConcurrencyError(f"sync state {record.template}/{record.key} changed since it was read")
-        saved = replace(
-            record,
-            values=json.loads(texts["values"]),
-            versions=json.loads(texts["versions"]),
-            modified=json.loads(texts["modified"]),
-            pending=json.loads(texts["pending"]),
-            updated_at=self._clock(),
-            etag=self._etags.next(),
-        )
+        saved = replace(record, **decode_record(texts), updated_at=self._clock(), etag=self._etags.next())
         self._rows[where] = saved
         if saved.row_id is not None:
             self._row_ids[(record.template, saved.row_id)] = record.key
@@ -368,15 +412,7 @@ class MemoryStateStore:
         await asyncio.sleep(0)
         latest = {(r.template, r.key): (r, t) for r, t in zip(records, texts, strict=True)}
         for where, (record, text) in latest.items():
-            saved = replace(
-                record,
-                values=json.loads(text["values"]),
-                versions=json.loads(text["versions"]),
-                modified=json.loads(text["modified"]),
-                pending=json.loads(text["pending"]),
-                updated_at=self._clock(),
-                etag=self._etags.next(),
-            )
+            saved = replace(record, **decode_record(text), updated_at=self._clock(), etag=self._etags.next())
             self._rows[where] = saved
             if saved.row_id is not None:
                 self._row_ids[(record.template, saved.row_id)] = record.key

@@ -24,7 +24,6 @@ import builtins
 import contextlib
 import hashlib
 import importlib.util
-import json
 import re
 import string
 import unicodedata
@@ -53,6 +52,7 @@ from loyaltysync.state import (
     SyncRecord,
     check_text,
     dead_letter_id,
+    decode_record,
     encode_document,
     encode_record,
     load_document,
@@ -368,13 +368,10 @@ def _record_entity(record: SyncRecord, updated_at: str) -> tuple[SyncRecord, dic
     saved = SyncRecord(
         template=record.template,
         key=record.key,
-        values=json.loads(texts["values"]),
-        versions=json.loads(texts["versions"]),
-        modified=json.loads(texts["modified"]),
         row_id=record.row_id,
         deleted=record.deleted,
         updated_at=updated_at,
-        pending=json.loads(texts["pending"]),
+        **decode_record(texts),
     )
     entity: dict[str, Any] = {
         "PartitionKey": table_key(record.template),
@@ -387,8 +384,10 @@ def _record_entity(record: SyncRecord, updated_at: str) -> tuple[SyncRecord, dic
         "Deleted": record.deleted,
         "UpdatedAt": updated_at,
     }
-    if record.pending:
-        entity["Pending"] = texts["pending"]
+    if texts["intent"]:
+        entity["Pending"] = texts["intent"]  # the property's name from before the intent had a type
+    if texts["bookkeeping"]:
+        entity["Bookkeeping"] = texts["bookkeeping"]
     if record.row_id is not None:
         check_text(f"sync state {record.template}/{record.key}: row id", record.row_id)
         entity["RowId"] = record.row_id
@@ -406,17 +405,21 @@ def _index_entity(record_entity: dict[str, Any], row_id: str) -> dict[str, Any]:
 
 
 def _record_from(entity: TableEntity) -> SyncRecord:
+    texts = {
+        "values": entity["Values"],
+        "versions": entity["Versions"],
+        "modified": entity["Modified"],
+        "intent": entity.get("Pending"),
+        "bookkeeping": entity.get("Bookkeeping"),
+    }
     return SyncRecord(
         template=str(entity["Template"]),
         key=str(entity["Key"]),
-        values=json.loads(entity["Values"]),
-        versions=json.loads(entity["Versions"]),
-        modified=json.loads(entity["Modified"]),
         row_id=entity.get("RowId"),
         deleted=bool(entity.get("Deleted", False)),
         updated_at=str(entity["UpdatedAt"]),
         etag=entity.metadata["etag"],
-        pending=json.loads(entity.get("Pending") or "{}"),
+        **decode_record(texts),
     )
 
 

@@ -1,17 +1,23 @@
-"""The sync step for one change event: read, decide, write, record. The imperative shell.
+"""The sync step for one change event. The imperative shell.
 
-Everything that decides is pure (`mapping`, `decide`); this module only does
-the I/O around it, in a fixed order:
+Everything that decides is pure (`mapping`, `decide`, `intent`); this module only
+does the I/O around it. A step (`Engine._step`) reads as its story:
 
-1. find the natural key (a Dataverse delete may carry only a row id);
-2. skip events older than what was already applied from their side;
-3. get the source record (the event payload when complete and not our own
-   write, otherwise a re-read) and the target record (always read: it is needed
-   for field-level writes and conflicts);
-4. decide; write the changed fields to the other side by natural key
-   (create-only / update-only, so a concurrent create or delete is noticed);
-5. store the new agreed values with the state's ETag. A lost ETag race
-   re-runs the whole step, which is idempotent.
+1. gather: the natural key (a Dataverse delete may carry only a row id), the sync
+   state (an event older than what was applied from its side stops here), both
+   sides' records (the event payload when complete and trusted, otherwise a
+   re-read) with the best change times known, and the `Evidence` about an
+   interrupted step's `Intent` left in the state;
+2. judge: what that step did (`intent.settle`): the agreed state to decide from,
+   or a wait for the event that can tell;
+3. decide (`decide.decide`);
+4. write: store the intent, then the changed fields to the other side by natural
+   key (create-only / update-only, so a concurrent create or delete is noticed);
+5. record: store the new agreed values with the state's ETag, clearing the intent.
+   A lost ETag race re-runs the whole step, which is idempotent.
+
+A re-check (`retries.Deferral`) runs the same step on the event's record; the
+event is then only its address.
 """
 
 from __future__ import annotations
@@ -31,24 +37,24 @@ from loyaltysync.decide import (
     SideRecord,
     agreed_from_state,
     decide,
-    holds,
     is_newer,
     is_stale,
     latest,
-    with_pending,
 )
 from loyaltysync.errors import ConcurrencyError, MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent, utc_now
+from loyaltysync.intent import EventFacts, Evidence, Intent, Wait, settle
+from loyaltysync.retries import Deferral
 from loyaltysync.state import StateStore, SyncRecord
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.fno import FnoClient
 from loyaltysync.targets.lookups import LookupCache
-from loyaltysync.templates import Side, Template, other_side
+from loyaltysync.templates import Side, Template
 
 log = logging.getLogger("loyaltysync.sync")
 
 MAX_STATE_RACES = 5
-# A step's stored intent (`SyncRecord.pending`) younger than this means another step is writing the record
+# A step's stored intent (`SyncRecord.intent`) younger than this means another step is writing the record
 # now: wait for it. Older, its step died: the intent is evidence of what may have landed. Longer than a
 # step's writes take, shorter than the queue's retries last (maxDequeueCount x visibilityTimeout).
 WRITING_ELSEWHERE_S = 15.0
@@ -59,7 +65,11 @@ B = TypeVar("B")
 
 @dataclass(slots=True)
 class Outcome:
-    """What one sync step did, for logs, metrics and the demo's event feed."""
+    """What one sync step did, for logs, metrics and the demo's event feed.
+
+    `conflicts`: fields changed on both sides (`winner` None: deferred to a later event); `waiting`:
+    why the whole record waits for the event telling what an interrupted step did (None: it does not).
+    """
 
     template: str
     side: Side
@@ -69,11 +79,17 @@ class Outcome:
     created: str | None = None
     deleted: str | None = None
     conflicts: list[dict[str, Any]] = field(default_factory=list)
+    waiting: str | None = None
     duration_ms: float = 0.0
 
     @property
     def applied(self) -> bool:
         return bool(self.writes) or self.created is not None or self.deleted is not None
+
+    @property
+    def deferred(self) -> bool:
+        """Whether a later event must decide part of it (a conflict's winner, or the whole record)."""
+        return self.waiting is not None or any(c["winner"] is None for c in self.conflicts)
 
 
 class _Raced(ConcurrencyError):
@@ -86,16 +102,6 @@ class _Raced(ConcurrencyError):
 
 # The code of the transient TargetError for a record another instance is writing (see Engine._process).
 RECORD_BUSY = "RecordBusy"
-# In `SyncRecord.modified`: F&O's change time of one field ("fo:CardTenderType"), from update events
-# that name the fields they submitted.
-FO_FIELD_TIME = "fo:"
-# In `SyncRecord.modified`: when the sync last wrote Dataverse (its own clock).
-DATAVERSE_WRITTEN_AT = "dataverse:written-at"
-# In `SyncRecord.versions`: present while the sync's last Dataverse write is newer than its last read
-# there (the value is the version read before that write).
-WRITTEN_SINCE_READ = "dataverse:written"
-# The "field" of a deferral that waits for the event telling what an interrupted step did (see _unsure).
-WHOLE_RECORD = "(record)"
 # Read with every Dataverse row besides the mapped columns: who created it (see Engine._dataverse_creator).
 CREATED_BY = "_createdby_value"
 
@@ -148,18 +154,22 @@ class Engine:
             raise MappingError(name, "(template)", name, "no such template in mappings/")
         return template
 
-    async def process(self, event: ChangeEvent, *, live: bool = True) -> Outcome:
+    async def process(self, event: ChangeEvent, *, live: bool = True, deferral: Deferral | None = None) -> Outcome:
         """Bring the record an event is about in step on both sides. Idempotent.
 
+        `deferral`: this is the re-check of an earlier step on the event that deferred (the event
+        is then only the record's address: its payload, version and time were applied before).
         Raises MappingError / non-transient TargetError for records that cannot
         be synced (the caller parks them) and transient TargetError for the
         caller to retry later.
         """
         template = self.template(event.template)
         async with self._lock(template.name, event.key_text or event.row_id or ""):
-            return await self._process(template, event, live=live)
+            return await self._process(template, event, live=live, deferral=deferral)
 
-    async def _process(self, template: Template, event: ChangeEvent, *, live: bool) -> Outcome:
+    async def _process(
+        self, template: Template, event: ChangeEvent, *, live: bool, deferral: Deferral | None
+    ) -> Outcome:
         started = time.perf_counter()
         if event.wire_format == "replay":
             # A replay follows a fix (say, a currency added in Dataverse): cached "no such row"
@@ -169,7 +179,7 @@ class Engine:
         busy: _Busy | None = None
         for attempt in range(1, MAX_STATE_RACES + 1):
             try:
-                outcome = await self._step(template, event, live=live)
+                outcome = await self._step(template, event, live=live, deferral=deferral)
             except _Busy as exc:
                 log.info("%s %s is being written by another step; waiting", template.name, event.key_text)
                 busy = exc
@@ -197,102 +207,78 @@ class Engine:
         # other writer is done. (A 409 would be taken for a permanent refusal and parked.)
         raise TargetError("state", 503, "ConcurrencyVersionMismatch", "sync state kept changing; will retry")
 
-    async def _step(self, template: Template, event: ChangeEvent, *, live: bool) -> Outcome:
+    async def _step(
+        self, template: Template, event: ChangeEvent, *, live: bool, deferral: Deferral | None
+    ) -> Outcome:
+        """gather -> judge -> decide -> write -> record."""
+        gathered = await self._gather(template, event, live=live, deferral=deferral)
+        if isinstance(gathered, Outcome):
+            return gathered  # nothing to do: an unknown row, or an event already reflected
+        agreed = _judge(gathered)
+        if isinstance(agreed, Wait):
+            return _waiting(gathered, agreed)
+        decision = decide(
+            template, gathered.fo, gathered.dv, agreed,
+            trigger=event.side, live=live, from_integration_user=gathered.evidence.ours,
+        )
+        record, row_id = await self._write(gathered, agreed, decision)
+        outcome = _outcome(gathered, decision)
+        try:
+            await self._record(gathered, decision, record, row_id)
+        except ConcurrencyError as exc:
+            raise _Raced(outcome) from exc
+        return outcome
+
+    async def _gather(
+        self, template: Template, event: ChangeEvent, *, live: bool, deferral: Deferral | None
+    ) -> _Gathered | Outcome:
+        """The state and both sides' records, with the best times known, and the evidence about an
+        interrupted step; or the outcome when the event needs nothing done."""
         key = await self._natural_key(template, event)
         if key is None:
             return Outcome(template.name, event.side, event.row_id or "?", "unknown-row")
         key_text = mapping.key_text(key)
         record = await self.state.get(template.name, key_text)
         ours = (event.initiating_user or "").lower() in self.integration_users
-        if record is not None and is_stale(event.source_version, record.versions.get(event.side), event.operation):
+        facts = _event_facts(event, deferral)
+        if record is not None and is_stale(facts.version, record.versions.get(event.side), event.operation):
             return Outcome(template.name, event.side, key_text, "echo" if ours else "stale")
         fresh_s = _writing_elsewhere(record, self.writing_elsewhere_s, self.instance) if record else 0.0
         if fresh_s > 0:
             # Its writes may not have landed yet: reading now could miss them, and clearing its intent
-            # would lose the proof that they are the sync's own (see SyncRecord.pending).
+            # would lose the proof that they are the sync's own (see SyncRecord.intent).
             raise _Busy(f"{template.name} {key_text} is being written by another step", fresh_s)
-
-        # A payload can predate a delete already applied (webhooks come late and out of order, and not
-        # every event carries a version to make them stale): for a tombstone only a re-read says it exists.
-        tombstone = record is not None and record.deleted
-        use_payload = (
-            event.complete and not ours and event.operation != "delete" and not tombstone
-            and not _written_since_read(record, event.side)
-        )
-        payload = self._payload_record(template, event) if use_payload else None
+        payload = self._payload_record(template, event) if _payload_trusted(facts, ours, record) else None
         fo, dv = await _both(
             payload if payload is not None and event.side == "fo" else self.read_fo(template, key),
             payload if payload is not None and event.side == "dataverse" else self.read_dataverse(template, key),
         )
-        changed_at = None if ours else _change_time(event, fo, record)  # ours: the time of the sync's write
+        changed_at = None if ours else _change_time(facts, fo, record)  # ours: the time of the sync's write
         dv = _without_own_write_time(dv, record)
         fo = _with_fo_time(fo, record, changed_at if event.side == "fo" else None, event.changed)
-        if event.wire_format == "recheck":
-            fo = _changed_since_deferral(fo, event)
-
-        agreed = agreed_from_state(record.values if record else None, record.deleted if record else False)
-        if not agreed.exists and event.before and fo.exists and dv.exists and not (record and record.deleted):
-            # No agreed values yet (both sides held the record before the sync did): the pre-image says
-            # what this change touched, so fields it did not touch are not a conflict with the other side.
-            agreed = Agreed(values=dict(event.before), exists=True)
-        if record is not None and record.pending:
-            records: dict[Side, SideRecord] = {"fo": fo, "dataverse": dv}
-            # A re-check's time is the moment of its deferral, not of a change: it dates nothing here.
-            change = event.wire_format != "recheck"
-            deleted = _after_intent(record.pending, event, "delete") if change else None
-            creator = self._dataverse_creator(record.pending, dv)
-            recreated = None if ours else (
-                (_after_intent(record.pending, event, "create") if change else None)
-                or ("dataverse" if creator == "person" else None)
-            )
-            echo = _proof_of_write(event, ours)
-            unsure = _unsure(record.pending, records, deleted, recreated, echo[0] if echo else None) if live else None
-            if unsure is not None:
-                return _waiting_for_event(template, event, key_text, unsure)
-            overwritten: tuple[Side, list[str]] | None = None
-            if change and not ours and event.side == "fo" and event.changed and _after_intent(
-                record.pending, event, "update"
-            ):
-                overwritten = ("fo", list(event.changed))  # F&O names no user: a change of ours holds the intent
-            agreed = with_pending(
-                agreed, record.pending, records, deleted=deleted, recreated=recreated, echo=echo,
-                overwritten=overwritten, created_by_sync="dataverse" if creator == "sync" else None,
-            )
-        decision = decide(template, fo, dv, agreed, trigger=event.side, live=live, from_integration_user=ours)
-        if decision.acts:
-            record = await self._intend(template, key_text, record, agreed, decision, {"fo": fo, "dataverse": dv})
-        row_id = await self._apply(template, key, decision, fo, dv)
-        outcome = Outcome(
-            template.name,
-            event.side,
-            key_text,
-            decision.reason,
-            writes={side: sorted(values) for side, values in decision.writes.items()},
-            created=decision.create,
-            deleted=decision.delete,
-            conflicts=[
-                {"field": c.field, "fo": c.fo_value, "dataverse": c.dataverse_value, "winner": c.winner, "rule": c.rule}
-                for c in decision.conflicts
-            ],
+        if deferral is not None:
+            fo = _changed_since_deferral(fo, deferral)
+        evidence = Evidence(
+            fo=fo,
+            dataverse=dv,
+            event=facts,
+            ours=ours,
+            recheck=deferral is not None,
+            live=live,
+            integration_users=self.integration_users,
         )
-        try:
-            dv_read = payload is None or event.side != "dataverse"
-            await self._record(template, key_text, event, changed_at, decision, record, dv, dv_read, row_id)
-        except ConcurrencyError as exc:
-            raise _Raced(outcome) from exc
-        return outcome
+        dv_read = payload is None or event.side != "dataverse"
+        return _Gathered(template, event, key, key_text, record, changed_at, dv_read, evidence)
 
-    def _dataverse_creator(self, pending: dict[str, dict[str, Any]], dv: SideRecord) -> str | None:
-        """Who created the Dataverse row a step died creating: "sync", "person", or None (unknown, or no such step).
-
-        Only the sync creates rows as an integration user: a row created by anyone else is not the
-        step's create (which never landed, or landed and was deleted since), whatever event comes first.
-        """
-        intent = pending.get("dataverse") or {}
-        creator = (dv.created_by or "").lower()
-        if intent.get("@create") and dv.exists and creator and self.integration_users:
-            return "sync" if creator in self.integration_users else "person"
-        return None
+    async def _write(
+        self, gathered: _Gathered, agreed: Agreed, decision: Decision
+    ) -> tuple[SyncRecord | None, str | None]:
+        """Store the intent (when anything is written), then write; the state as stored and the row id after."""
+        record = gathered.record
+        if decision.acts:
+            record = await self._intend(gathered, agreed, decision)
+        row_id = await self._apply(gathered.template, gathered.key, decision, gathered.fo, gathered.dv)
+        return record, row_id
 
     # ------------------------------------------------------------ reading
 
@@ -364,38 +350,21 @@ class Engine:
 
     # ------------------------------------------------------------ writing
 
-    async def _intend(
-        self,
-        template: Template,
-        key_text: str,
-        record: SyncRecord | None,
-        agreed: Agreed,
-        decision: Decision,
-        read: dict[Side, SideRecord],
-    ) -> SyncRecord:
-        """Store what is about to be written before writing it (see `SyncRecord.pending`).
+    async def _intend(self, gathered: _Gathered, agreed: Agreed, decision: Decision) -> SyncRecord:
+        """Store what is about to be written before writing it (see `SyncRecord.intent`).
 
         Also claims the record: another instance's step on the same record, started from the
         same state, now fails its ETag here, before writing anything, and re-runs; a step that
         reads the record meanwhile waits (`_Busy`). An earlier step's intent (a step that died)
-        is replaced, so what it proved is kept as agreed values first. A delete keeps the row id
-        and version it read (`@row_id`, `@version`): the row there later is the same or a new one.
+        is replaced, so what it proved is kept as agreed values first. The intent keeps the row
+        version and row id read, so the row there later tells whether it is the same one.
         """
-        base = record or SyncRecord(template=template.name, key=key_text)
-        if base.pending:
+        base = gathered.record or SyncRecord(template=gathered.template.name, key=gathered.key_text)
+        if base.intent is not None:
             deleted = base.deleted if not agreed.values else not agreed.exists
             base = replace(base, values=dict(agreed.values), deleted=deleted)
-        pending: dict[str, dict[str, Any]] = {side: dict(values) for side, values in decision.writes.items()}
-        if decision.create is not None:
-            pending[decision.create]["@create"] = True
-        for side in decision.writes:
-            if side != decision.create:
-                pending[side]["@version"] = read[side].version  # a row changed since: see _unsure
-        if decision.delete is not None:
-            was = read[decision.delete]
-            pending[decision.delete] = {"@delete": True, "@row_id": was.row_id, "@version": was.version}
-        pending["@"] = {"at": utc_now(), "by": self.instance}
-        return await self.state.put(replace(base, pending=pending))
+        intent = Intent.of(decision, {"fo": gathered.fo, "dataverse": gathered.dv}, utc_now(), self.instance)
+        return await self.state.put(replace(base, intent=intent))
 
     async def _apply(
         self, template: Template, key: dict[str, str], decision: Decision, fo: SideRecord, dv: SideRecord
@@ -460,58 +429,169 @@ class Engine:
         )
 
     async def _record(
-        self,
-        template: Template,
-        key_text: str,
-        event: ChangeEvent,
-        changed_at: str | None,
-        decision: Decision,
-        record: SyncRecord | None,
-        dv: SideRecord,
-        dv_read: bool,
-        row_id: str | None,
+        self, gathered: _Gathered, decision: Decision, record: SyncRecord | None, row_id: str | None
     ) -> None:
-        versions = dict(record.versions) if record else {}
-        modified = dict(record.modified) if record else {}
-        if event.source_version is not None:
-            versions[event.side] = event.source_version
-        # Any Dataverse change after this read gets a higher versionnumber, so
-        # events at or below it are already reflected in this decision.
-        if dv.version is not None and is_newer(dv.version, versions.get("dataverse")):
-            versions["dataverse"] = dv.version
-        if "dataverse" in decision.writes or decision.create == "dataverse":
-            versions[WRITTEN_SINCE_READ] = dv.version  # see _written_since_read
-            modified[DATAVERSE_WRITTEN_AT] = utc_now()  # see _without_own_write_time
-        elif dv_read:
-            versions.pop(WRITTEN_SINCE_READ, None)
-        # The latest: a late event's older time changes nothing. An F&O update naming its fields
-        # dates those fields only (see _with_fo_time).
-        for name in _time_keys(event) if changed_at else ():
-            if is_newer(changed_at, modified.get(name)):
-                modified[name] = changed_at
-        if dv.modified_on and is_newer(dv.modified_on, modified.get("dataverse")):
-            modified["dataverse"] = dv.modified_on  # a person's change seen in the read (not the sync's write)
-        new = SyncRecord(
-            template=template.name,
-            key=key_text,
-            values=decision.agreed if decision.exists_after else dict(record.values) if record else {},
-            versions=versions,
-            modified=modified,
-            row_id=row_id if decision.exists_after else None,
-            deleted=not decision.exists_after,
-            updated_at=utc_now(),
-            etag=record.etag if record else None,
-        )
+        """Store the new agreed values and what was seen (versions, times), clearing the intent."""
+        new = _next_state(gathered, decision, record, row_id)
         unchanged = record is not None and (
             record.values,
             record.deleted,
             record.versions,
             record.modified,
             record.row_id,
-            record.pending,
-        ) == (new.values, new.deleted, new.versions, new.modified, new.row_id, new.pending)
+            record.intent,
+            record.written_since_read,
+            record.dataverse_written_at,
+            record.fo_field_times,
+        ) == (
+            new.values,
+            new.deleted,
+            new.versions,
+            new.modified,
+            new.row_id,
+            new.intent,
+            new.written_since_read,
+            new.dataverse_written_at,
+            new.fo_field_times,
+        )
         if not unchanged:
             await self.state.put(new)
+
+
+@dataclass(frozen=True, slots=True)
+class _Gathered:
+    """What a step gathered before deciding (see Engine._gather)."""
+
+    template: Template
+    event: ChangeEvent
+    key: dict[str, str]
+    key_text: str
+    record: SyncRecord | None
+    changed_at: str | None  # when the event's side changed the record (None: the event dates nothing)
+    dv_read: bool  # Dataverse was read, not taken from the event's payload
+    evidence: Evidence  # both sides' records as the decision sees them, and what the event says
+
+    @property
+    def fo(self) -> SideRecord:
+        return self.evidence.fo
+
+    @property
+    def dv(self) -> SideRecord:
+        return self.evidence.dataverse
+
+
+def _judge(gathered: _Gathered) -> Agreed | Wait:
+    """The agreed state the decision starts from: as stored, counting what an interrupted step did."""
+    record, evidence = gathered.record, gathered.evidence
+    agreed = agreed_from_state(record.values if record else None, record.deleted if record else False)
+    before = evidence.event.before
+    if not agreed.exists and before and gathered.fo.exists and gathered.dv.exists and not (record and record.deleted):
+        # No agreed values yet (both sides held the record before the sync did): the pre-image says
+        # what this change touched, so fields it did not touch are not a conflict with the other side.
+        agreed = Agreed(values=dict(before), exists=True)
+    if record is None or record.intent is None:
+        return agreed
+    return settle(agreed, record.intent, evidence)
+
+
+def _outcome(gathered: _Gathered, decision: Decision) -> Outcome:
+    return Outcome(
+        gathered.template.name,
+        gathered.event.side,
+        gathered.key_text,
+        decision.reason,
+        writes={side: sorted(values) for side, values in decision.writes.items()},
+        created=decision.create,
+        deleted=decision.delete,
+        conflicts=[
+            {"field": c.field, "fo": c.fo_value, "dataverse": c.dataverse_value, "winner": c.winner, "rule": c.rule}
+            for c in decision.conflicts
+        ],
+    )
+
+
+def _next_state(gathered: _Gathered, decision: Decision, record: SyncRecord | None, row_id: str | None) -> SyncRecord:
+    """The sync state after a step: the new agreed values, the versions and times seen, no intent."""
+    event, dv = gathered.event, gathered.dv
+    versions = dict(record.versions) if record else {}
+    version = gathered.evidence.event.version
+    if version is not None:
+        versions[event.side] = version
+    # Any Dataverse change after this read gets a higher versionnumber, so
+    # events at or below it are already reflected in this decision.
+    if dv.version is not None and is_newer(dv.version, versions.get("dataverse")):
+        versions["dataverse"] = dv.version
+    written_since_read = record.written_since_read if record else False
+    written_at = record.dataverse_written_at if record else None
+    if "dataverse" in decision.writes or decision.create == "dataverse":
+        written_since_read, written_at = True, utc_now()  # see _written_since_read, _without_own_write_time
+    elif gathered.dv_read:
+        written_since_read = False
+    modified, field_times = _times_seen(gathered, record)
+    return SyncRecord(
+        template=gathered.template.name,
+        key=gathered.key_text,
+        values=decision.agreed if decision.exists_after else dict(record.values) if record else {},
+        versions=versions,
+        modified=modified,
+        row_id=row_id if decision.exists_after else None,
+        deleted=not decision.exists_after,
+        updated_at=utc_now(),
+        etag=record.etag if record else None,
+        written_since_read=written_since_read,
+        dataverse_written_at=written_at,
+        fo_field_times=field_times,
+    )
+
+
+def _times_seen(gathered: _Gathered, record: SyncRecord | None) -> tuple[dict[str, str | None], dict[str, str]]:
+    """The latest change times known per side, and per F&O field (a late event's older time changes nothing).
+
+    An F&O update naming its fields dates those fields only (see _with_fo_time); Dataverse's read dates
+    a person's change (the sync's own write is kept apart, see _without_own_write_time).
+    """
+    event, changed_at, dv = gathered.event, gathered.changed_at, gathered.dv
+    modified = dict(record.modified) if record else {}
+    field_times = dict(record.fo_field_times) if record else {}
+    if changed_at and event.side == "fo" and event.changed:
+        for name in event.changed:
+            if is_newer(changed_at, field_times.get(name)):
+                field_times[name] = changed_at
+    elif changed_at and is_newer(changed_at, modified.get(event.side)):
+        modified[event.side] = changed_at
+    if dv.modified_on and is_newer(dv.modified_on, modified.get("dataverse")):
+        modified["dataverse"] = dv.modified_on
+    return modified, field_times
+
+
+def _payload_trusted(facts: EventFacts, ours: bool, record: SyncRecord | None) -> bool:
+    """Whether the event's payload stands for its side's record now (otherwise the side is read).
+
+    Not for our own writes or deletes; not for a tombstone (a payload can predate a delete already
+    applied: webhooks come late and out of order, and not every event carries a version to make them
+    stale); not while the sync's own Dataverse write is newer than its last read there.
+    """
+    tombstone = record is not None and record.deleted
+    return (
+        facts.payload is not None and not ours and facts.operation != "delete" and not tombstone
+        and not _written_since_read(record, facts.side)
+    )
+
+
+def _event_facts(event: ChangeEvent, deferral: Deferral | None) -> EventFacts:
+    """What the event says. A re-check's event is only its record's address: its payload, version, time
+    and pre-image were applied when it was deferred, so nothing is stale, read from it or dated by it."""
+    if deferral is not None:
+        return EventFacts(event.side, event.operation)
+    return EventFacts(
+        event.side,
+        event.operation,
+        at=event.modified_on,
+        version=event.source_version,
+        changed=tuple(event.changed),
+        before=dict(event.before),
+        payload=dict(event.fields) if event.complete else None,
+    )
 
 
 async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
@@ -525,21 +605,18 @@ async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
         raise
 
 
-def _change_time(event: ChangeEvent, fo: SideRecord, record: SyncRecord | None) -> str | None:
+def _change_time(event: EventFacts, fo: SideRecord, record: SyncRecord | None) -> str | None:
     """When the event's side changed the record, as far as this event tells.
 
-    A re-check's time is its deferral, not a change. An F&O update whose submitted fields all
-    hold the agreed values now tells nothing about F&O's other values: typically it is the event
-    of the sync's own write (F&O events name no user), and its time would make F&O's older edits
-    look as new as that write.
+    An F&O update whose submitted fields all hold the agreed values now tells nothing about F&O's
+    other values: typically it is the event of the sync's own write (F&O events name no user), and
+    its time would make F&O's older edits look as new as that write.
     """
-    if event.wire_format == "recheck":
-        return None
     if event.side == "fo" and event.changed and record is not None and not record.deleted and fo.exists:
         values = fo.values or {}
         if all(values.get(name) == record.values.get(name) for name in event.changed):
             return None
-    return event.modified_on
+    return event.at
 
 
 def _without_own_write_time(dv: SideRecord, record: SyncRecord | None) -> SideRecord:
@@ -550,19 +627,12 @@ def _without_own_write_time(dv: SideRecord, record: SyncRecord | None) -> SideRe
     row was last changed no later than the sync's last write, the latest time of a person's change
     seen before (in an event or a read) stands in for it (none known: the conflict waits for one).
     """
-    written = record.modified.get(DATAVERSE_WRITTEN_AT) if record else None
+    written = record.dataverse_written_at if record else None
     if record is None or not written or not dv.exists or not dv.modified_on:
         return dv
     if is_newer(dv.modified_on, written):
         return dv  # changed after the sync's write: that change is a person's
     return replace(dv, modified_on=record.modified.get("dataverse"))
-
-
-def _time_keys(event: ChangeEvent) -> list[str]:
-    """Where an event's change time is kept in `SyncRecord.modified`: its side, or per field."""
-    if event.side == "fo" and event.changed:
-        return [FO_FIELD_TIME + name for name in event.changed]
-    return [event.side]
 
 
 def _with_fo_time(
@@ -577,9 +647,8 @@ def _with_fo_time(
     """
     if fo.modified_on is not None or not fo.exists:
         return fo
-    kept = record.modified if record else {}
-    fields = {name[len(FO_FIELD_TIME):]: t for name, t in kept.items() if name.startswith(FO_FIELD_TIME) and t}
-    whole = kept.get("fo")
+    fields = dict(record.fo_field_times) if record else {}
+    whole = record.modified.get("fo") if record else None
     if changed_at and changed:
         for name in changed:
             fields[name] = latest(fields.get(name), changed_at) or changed_at
@@ -590,19 +659,19 @@ def _with_fo_time(
     return replace(fo, modified_on=whole, field_times=fields, time_is_floor=True)
 
 
-def _changed_since_deferral(fo: SideRecord, recheck: ChangeEvent) -> SideRecord:
+def _changed_since_deferral(fo: SideRecord, deferral: Deferral) -> SideRecord:
     """On a re-check: F&O's deferred fields changed since the deferral are at least that recent.
 
-    The re-check carries F&O's values of the deferred fields and the deferral's moment. A
-    different value now was written after that moment, so after Dataverse's conflicting change.
+    The deferral carries F&O's values of the deferred fields and its moment. A different value
+    now was written after that moment, so after Dataverse's conflicting change.
     """
-    if not fo.exists or not recheck.modified_on or (fo.modified_on is not None and not fo.time_is_floor):
+    if not fo.exists or not deferral.at or (fo.modified_on is not None and not fo.time_is_floor):
         return fo
     values = fo.values or {}
     times = dict(fo.field_times)
-    for name, value in recheck.fields.items():
+    for name, value in deferral.fields.items():
         if values.get(name) != value:
-            times[name] = latest(times.get(name), recheck.modified_on) or recheck.modified_on
+            times[name] = latest(times.get(name), deferral.at) or deferral.at
     if times == fo.field_times:
         return fo
     return replace(fo, field_times=times, time_is_floor=True)
@@ -620,7 +689,7 @@ def _written_since_read(record: SyncRecord | None, side: Side) -> bool:
         return False
     # Any intent left by a step that died: what it did is judged from fresh reads (a payload from
     # before its delete would bring the record back).
-    return WRITTEN_SINCE_READ in record.versions or bool(record.pending)
+    return record.written_since_read or record.intent is not None
 
 
 def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> float:
@@ -629,12 +698,11 @@ def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> fl
     This process's own intents are not: steps on one record run one at a time here (the
     per-key lock), so an own intent seen by a step is from one that failed or died.
     """
-    meta = record.pending.get("@", {})
-    if meta.get("by") == instance:
+    intent = record.intent
+    if intent is None or intent.by == instance:
         return 0.0
-    stored = meta.get("at")
     try:
-        at = mapping.parse_datetime(stored) if isinstance(stored, str) else None
+        at = mapping.parse_datetime(intent.at) if intent.at else None
     except ValueError:
         return 0.0
     if at is None:
@@ -642,91 +710,11 @@ def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> fl
     return max(0.0, within_s - (timesource.utc() - at).total_seconds())
 
 
-def _after_intent(pending: dict[str, dict[str, Any]], event: ChangeEvent, operation: str) -> Side | None:
-    """The event's side, when the event is an `operation` made after the intent was stored.
-
-    Compared in whole seconds (F&O's event times have no fraction); clocks are taken to agree
-    to the second. A create made then is a new record: an intent deletes only records agreed on
-    both sides, created well before it. A delete made then proves an intended create landed; an
-    older delete event (a late one) proves nothing about it. A delete event without a time counts.
-    """
-    if event.operation != operation:
-        return None
-    stored = pending.get("@", {}).get("at")
-    try:
-        made = mapping.parse_datetime(event.modified_on) if event.modified_on else None
-        at = mapping.parse_datetime(stored) if isinstance(stored, str) else None
-    except ValueError:
-        made = at = None
-    if made is None or at is None:
-        return event.side if operation == "delete" else None
-    return event.side if made >= at.replace(microsecond=0) else None
-
-
 def _dataverse_columns(template: Template) -> list[str]:
     return [*mapping.dataverse_select(template), CREATED_BY]
 
 
-def _proof_of_write(event: ChangeEvent, ours: bool) -> tuple[Side, dict[str, Any]] | None:
-    """Values the event's side held at a moment after a step's write there, if the event shows them.
-
-    The webhook of the sync's own write carries the row as written (proof it landed, even when a
-    person has changed the row again since); a person's Dataverse update carries the row just before
-    that change (its pre-image).
-    """
-    if ours and event.complete and event.operation != "delete":
-        return event.side, dict(event.fields)
-    if not ours and event.side == "dataverse" and event.operation == "update" and event.before:
-        return event.side, dict(event.before)
-    return None
-
-
-def _unsure(
-    pending: dict[str, dict[str, Any]],
-    records: dict[Side, SideRecord],
-    deleted: Side | None,
-    recreated: Side | None,
-    shown: Side | None = None,
-) -> str | None:
-    """Why what an interrupted step did cannot be told yet, when only an event still to come can tell.
-
-    - It was creating the record on a side where it is missing now: the create never happened,
-      or it did and a person deleted the record since; that side's delete event tells. (Missing on
-      the other side too, it is gone either way: nothing to wait for.)
-    - It was deleting the record on a side that holds a changed row now (another version; no
-      row id to compare, as in F&O): the delete did not happen and a person edited the record,
-      or it did and a person created the record again; that side's create event tells.
-    - It was writing values to Dataverse, whose row holds others now and has changed since the
-      step read it: the write never happened and a person edited the row, or it did and a person
-      changed it since (perhaps back); the events of those changes tell (`shown`: this event does).
-    Until then nothing is created or deleted, so a deleted record is not brought back and a
-    re-created one is not deleted. The re-check (not live) takes "never happened".
-    """
-    for side, record in records.items():
-        intent = pending.get(side) or {}
-        if (
-            side == "dataverse"
-            and side != shown
-            and intent.get("@version")
-            and not intent.get("@create")
-            and record.exists
-            and record.version != intent.get("@version")
-            and not holds(intent, record)
-        ):
-            return "an interrupted write in dataverse may have landed and been changed since: waiting for its events"
-        if intent.get("@create") and not record.exists and side != deleted and records[other_side(side)].exists:
-            return f"an interrupted create in {side} may have landed and been deleted since: waiting for its delete"
-        if (
-            intent.get("@delete")
-            and record.exists
-            and side != recreated
-            and not (intent.get("@row_id") and record.row_id)
-            and record.version != intent.get("@version")
-        ):
-            return f"an interrupted delete in {side} may have landed and the record been created again since"
-    return None
-
-
-def _waiting_for_event(template: Template, event: ChangeEvent, key_text: str, rule: str) -> Outcome:
-    conflict = {"field": WHOLE_RECORD, "fo": None, "dataverse": None, "winner": None, "rule": rule}
-    return Outcome(template.name, event.side, key_text, "conflict-deferred", conflicts=[conflict])
+def _waiting(gathered: _Gathered, wait: Wait) -> Outcome:
+    """The outcome of a step that waits for the event telling what an interrupted step did."""
+    return Outcome(gathered.template.name, gathered.event.side, gathered.key_text, "conflict-deferred",
+                   waiting=wait.reason)

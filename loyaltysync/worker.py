@@ -23,7 +23,6 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -33,10 +32,19 @@ from loyaltysync import telemetry, timesource
 from loyaltysync.errors import MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.mapping import parse_datetime
-from loyaltysync.retries import GiveUp, RetrySchedule, RetryState, read_message, with_retry
+from loyaltysync.retries import (
+    Deferral,
+    GiveUp,
+    RetrySchedule,
+    RetryState,
+    read_envelope,
+    read_message,
+    with_deferral,
+    with_retry,
+)
 from loyaltysync.runtime import Runtime
 from loyaltysync.state import dead_letter_id
-from loyaltysync.sync import RECORD_BUSY, WHOLE_RECORD, Outcome
+from loyaltysync.sync import RECORD_BUSY, Outcome
 from loyaltysync.templates import SIDES
 
 log = logging.getLogger("loyaltysync.worker")
@@ -87,15 +95,18 @@ async def handle_change(
     (the poison queue's) parks a transient failure instead, and raises.
     """
     try:
-        event, retry = read_message(body)
+        envelope = read_envelope(body)
     except (ValueError, TypeError) as exc:
         await runtime.dead_letters.park(
             "(unknown)", "fo", "(unreadable)", f"unreadable queue message: {exc}", "UnreadableMessage", body, ""
         )
         return None
+    event, retry = envelope.event, envelope.retry
     attempt = (retry.attempts if retry else 0) + dequeue_count
     with telemetry.current().change_span(event, attempt=attempt, host_traceparent=host_traceparent):
-        return await _handle_event(runtime, event, body, retry, dequeue_count, max_dequeue, last_try=last_try)
+        return await _handle_event(
+            runtime, event, body, retry, dequeue_count, max_dequeue, last_try=last_try, deferral=envelope.deferral
+        )
 
 
 async def _handle_event(
@@ -107,6 +118,7 @@ async def _handle_event(
     max_dequeue: int,
     *,
     last_try: bool,
+    deferral: Deferral | None,
 ) -> Outcome | None:
     recorder = telemetry.current()
     if await runtime.paused(event.template):
@@ -121,12 +133,12 @@ async def _handle_event(
             extra=recorder.log_extra(event, decision="held"),
         )
         return None
-    if event.wire_format == "recheck" and await _recheck_waits(runtime, event, body):
+    if deferral is not None and await _recheck_waits(runtime, event, deferral, body):
         return None
-    if event.wire_format not in ("recheck", "reconcile") and retry is None and dequeue_count == 1:
+    if deferral is None and event.wire_format != "reconcile" and retry is None and dequeue_count == 1:
         runtime.lag.observe(event.template, _age_seconds(event.received_at), timesource.monotonic())
     try:
-        outcome = await _process(runtime, event)
+        outcome = await _process(runtime, event, deferral)
     except MappingError as exc:
         with telemetry.personal_values(str(exc.value) if exc.value is not None else None):
             await _park(runtime, event, str(exc), "MappingError")
@@ -150,8 +162,8 @@ async def _handle_event(
             raise
         await _retry_later(runtime, event, body, retry, exc, dequeue_count, max_dequeue)
         return None
-    if event.wire_format != "recheck" and any(c["winner"] is None for c in outcome.conflicts):
-        await _recheck_later(runtime, event, outcome)
+    if deferral is None and outcome.deferred:
+        await _recheck_later(runtime, event, body, outcome)
     await _succeeded(runtime, event, outcome)
     return outcome
 
@@ -221,57 +233,51 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-async def _process(runtime: Runtime, event: ChangeEvent) -> Outcome:
-    """Apply the event; Storage that cannot be reached (after the SDK's own retries) is a transient
-    failure like an unreachable target: the change is tried again later, like any transient failure."""
+async def _process(runtime: Runtime, event: ChangeEvent, deferral: Deferral | None) -> Outcome:
+    """Apply the event (a re-check when `deferral`); Storage that cannot be reached (after the SDK's own
+    retries) is a transient failure like an unreachable target: the change is tried again later."""
+    live = deferral is None and event.wire_format != "reconcile"
     try:
-        return await runtime.engine.process(event, live=event.wire_format not in ("reconcile", "recheck"))
+        return await runtime.engine.process(event, live=live, deferral=deferral)
     except (ServiceRequestError, ServiceResponseError) as exc:
         raise TargetError("storage", 503, "StorageUnreachable", str(exc)) from exc
 
 
-async def _recheck_later(runtime: Runtime, event: ChangeEvent, outcome: Outcome) -> None:
+async def _recheck_later(runtime: Runtime, event: ChangeEvent, body: str, outcome: Outcome) -> None:
     """A conflict deferred to the other side's event is looked at again after a grace period.
 
     Normally that event comes first and decides. If it never comes (the other side's change
     was older than its event time could prove), the re-check decides on the times known by
     then, so a deferred conflict never waits for the next reconciliation pass. The grace is
     CONFLICT_GRACE_SECONDS, or twice this event's own lag when events run later than that
-    (a backlog delays the other side's event as much). The re-check carries F&O's values of
-    the deferred fields and the moment of deferral: if F&O changed them after that, F&O's
-    change is the later one, whatever its event says when it comes.
+    (a backlog delays the other side's event as much). The deferral carries F&O's values of
+    the deferred fields and its moment: if F&O changed them after that, F&O's change is the
+    later one, whatever its event says when it comes.
 
     A deferral that waits for the event telling what an interrupted step did (a person's delete
     or create after the step's intent) waits the grace plus the queue's message lease: that event
     may be held by an instance that died (the crash that interrupted the step, or another), and
     comes back only when the lease runs out; this event's own lag says nothing about it.
     """
-    deferred = {c["field"]: c["fo"] for c in outcome.conflicts if c["winner"] is None}
-    interrupted = all(name == WHOLE_RECORD for name in deferred)
-    if interrupted:
+    deferred = [c for c in outcome.conflicts if c["winner"] is None]
+    whole_record = outcome.waiting is not None
+    if whole_record and not deferred:
         delay = runtime.settings.conflict_grace_seconds + QUEUE_LEASE_S
     else:
         lag = _age_seconds(event.modified_on or event.received_at)
         delay = min(MAX_RECHECK_DELAY_S, max(runtime.settings.conflict_grace_seconds, math.ceil(2 * lag)))
-    recheck = replace(
-        event,
-        complete=False,
-        fields=deferred,
-        lookup_ids={},
-        before={},
-        source_version=None,
-        modified_on=utc_now(),
-        wire_format="recheck",
-    )
-    await _requeue(runtime, event.template, recheck.to_json(), None, delay)
+    reasons = [outcome.waiting] if outcome.waiting is not None else [c["rule"] for c in deferred]
+    deferral = Deferral(utc_now(), "; ".join(reasons), {c["field"]: c["fo"] for c in deferred}, whole_record)
+    await _requeue(runtime, event.template, with_deferral(body, deferral), None, delay)
 
 
-async def _recheck_waits(runtime: Runtime, event: ChangeEvent, body: str) -> bool:
+async def _recheck_waits(runtime: Runtime, event: ChangeEvent, deferral: Deferral, body: str) -> bool:
     """A re-check comes due while the queue runs behind: put it back until the events on their way at
     the deferral have had the time the queue needs now (the grace plus its recent lag, lag.py), so an F&O
     edit made before the deferral is dated by its own event before the conflict is decided. Never past
     MAX_RECHECK_DELAY_S after the deferral; True when put back."""
-    since = _age_seconds(event.modified_on)
+    telemetry.current().recheck(deferral.reason)
+    since = _age_seconds(deferral.at)
     behind = runtime.lag.recent(event.template, timesource.monotonic())
     needed = runtime.settings.conflict_grace_seconds + behind
     if since >= needed or since >= MAX_RECHECK_DELAY_S:

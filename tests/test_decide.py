@@ -22,8 +22,8 @@ from loyaltysync.decide import (
     decide,
     is_newer,
     is_stale,
-    with_pending,
 )
+from loyaltysync.intent import EventFacts, Evidence, Intent, SideIntent, settle
 from loyaltysync.mapping import (
     canonical_to_dataverse,
     canonical_to_fo,
@@ -320,10 +320,18 @@ def test_an_fo_event_time_older_than_dataverse_proves_nothing_live_and_decides_a
     assert_won_by(decide(LWW, *records, agreed(), trigger="fo", live=False), "dataverse")
 
 
+def interrupted(agreed_state: Agreed, sides: dict[Side, SideIntent], records: dict[Side, SideRecord]) -> Agreed:
+    """The agreed state after judging a step that died with `sides` intended, from a re-read (no event proof)."""
+    evidence = Evidence(fo=records["fo"], dataverse=records["dataverse"], event=EventFacts("fo", "update"), live=False)
+    settled = settle(agreed_state, Intent(sides), evidence)
+    assert isinstance(settled, Agreed)
+    return settled
+
+
 def test_values_an_interrupted_step_wrote_count_as_agreed_where_they_landed() -> None:
     """The step copied Dataverse's P-b to F&O and died before storing it; Dataverse then moved on to P-c."""
-    records = {"fo": fo_at(T2, PartyNumber="P-b"), "dataverse": fo_at(T1, PartyNumber="P-c")}
-    merged = with_pending(agreed(PartyNumber="P-a"), {"fo": {"PartyNumber": "P-b"}}, records)
+    records: dict[Side, SideRecord] = {"fo": fo_at(T2, PartyNumber="P-b"), "dataverse": fo_at(T1, PartyNumber="P-c")}
+    merged = interrupted(agreed(PartyNumber="P-a"), {"fo": SideIntent("write", {"PartyNumber": "P-b"})}, records)
     assert merged.values["PartyNumber"] == "P-b"
     decision = decide(LWW, records["fo"], records["dataverse"], merged, trigger="dataverse")
     assert decision.writes == {"fo": {"PartyNumber": "P-c"}}  # no conflict: F&O holds the sync's own copy
@@ -331,36 +339,38 @@ def test_values_an_interrupted_step_wrote_count_as_agreed_where_they_landed() ->
 
 
 def test_pending_values_that_did_not_land_change_nothing() -> None:
-    records = {"fo": fo_at(T2, PartyNumber="P-person"), "dataverse": fo_at(T1, PartyNumber="P-c")}
+    records: dict[Side, SideRecord] = {
+        "fo": fo_at(T2, PartyNumber="P-person"), "dataverse": fo_at(T1, PartyNumber="P-c")
+    }
     before = agreed(PartyNumber="P-a")
-    assert with_pending(before, {"fo": {"PartyNumber": "P-b"}}, records) == before
-    assert with_pending(before, {"fo": {"PartyNumber": "P-b"}}, {"fo": MISSING, "dataverse": records["dataverse"]}) \
-        == before
+    write = {"fo": SideIntent("write", {"PartyNumber": "P-b"})}
+    assert interrupted(before, write, records) == before
+    assert interrupted(before, write, {"fo": MISSING, "dataverse": records["dataverse"]}) == before
 
 
 def test_a_delete_that_landed_before_the_step_died_makes_the_record_a_tombstone() -> None:
     """F&O present again (re-created) and Dataverse gone by the sync's own delete: copy, do not delete."""
-    records = {"fo": fo_at(T2, PartyNumber="P-new"), "dataverse": MISSING}
-    merged = with_pending(agreed(), {"dataverse": {"@delete": True}}, records)
+    records: dict[Side, SideRecord] = {"fo": fo_at(T2, PartyNumber="P-new"), "dataverse": MISSING}
+    merged = interrupted(agreed(), {"dataverse": SideIntent("delete")}, records)
     assert not merged.exists
     decision = decide(CARDS, records["fo"], MISSING, merged, trigger="fo")
     assert decision.create == "dataverse" and decision.delete is None
     # Not landed (the row is still there): the agreed state is untouched.
-    assert with_pending(agreed(), {"dataverse": {"@delete": True}}, {"fo": MISSING, "dataverse": fo_at(T1)}) \
+    assert interrupted(agreed(), {"dataverse": SideIntent("delete")}, {"fo": MISSING, "dataverse": fo_at(T1)}) \
         == agreed()
 
 
 def test_a_create_that_landed_counts_even_when_every_value_was_edited_since() -> None:
     edited = {k: (v if k == "CardNumber" else None) for k, v in CARD.items()}
-    records = {"fo": MISSING, "dataverse": fo_at(T1, values=edited)}
-    merged = with_pending(NO_STATE, {"dataverse": {"@create": True, "PartyNumber": "P-1"}}, records)
+    records: dict[Side, SideRecord] = {"fo": MISSING, "dataverse": fo_at(T1, values=edited)}
+    merged = interrupted(NO_STATE, {"dataverse": SideIntent("create", {"PartyNumber": "P-1"})}, records)
     assert merged.exists  # so F&O missing now is a delete to propagate, not a record to create again
     assert decide(CARDS, MISSING, records["dataverse"], merged, trigger="fo").delete == "dataverse"
 
 
 def test_a_create_that_landed_before_the_step_died_makes_the_record_agreed() -> None:
-    records = {"fo": fo_at(T1), "dataverse": fo_at(T1)}
-    merged = with_pending(NO_STATE, {"dataverse": dict(CARD)}, records)
+    records: dict[Side, SideRecord] = {"fo": fo_at(T1), "dataverse": fo_at(T1)}
+    merged = interrupted(NO_STATE, {"dataverse": SideIntent("write", dict(CARD))}, records)
     assert merged.exists and merged.values == CARD
 
 

@@ -16,6 +16,7 @@ import pytest
 from loyaltysync import worker
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.lag import LagWindow
+from loyaltysync.retries import Deferral, read_envelope, with_deferral
 from loyaltysync.runtime import Runtime
 from loyaltysync.sync import Outcome
 from loyaltysync.templates import default_mappings_dir, load_templates
@@ -48,15 +49,16 @@ async def runtime(make_runtime: RuntimeFactory) -> Runtime:
     return await make_runtime(CONFLICT_GRACE_SECONDS="3")
 
 
-def _recheck(deferred_seconds_ago: float) -> ChangeEvent:
-    return ChangeEvent(
-        template=CARDS, side="dataverse", operation="update", key={"CardNumber": "C-LAG"},
-        fields={"CardTenderType": "AsCardTender"}, complete=False, modified_on=_ago(deferred_seconds_ago),
-        wire_format="recheck",
-    )
+def _recheck(deferred_seconds_ago: float, received_seconds_ago: float = 0) -> str:
+    """The queue message of a re-check: the change as it came, and the deferral."""
+    event = ChangeEvent(template=CARDS, side="dataverse", operation="update", key={"CardNumber": "C-LAG"},
+                        received_at=_ago(received_seconds_ago))
+    deferral = Deferral(_ago(deferred_seconds_ago), "waiting", fields={"CardTenderType": "AsCardTender"})
+    return with_deferral(event.to_json(), deferral)
 
 
 def _capture(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[str, int]], list[ChangeEvent]]:
+    """The messages put back, and the events processed (a re-check's with `wire_format` "recheck" here)."""
     sent: list[tuple[str, int]] = []
     processed: list[ChangeEvent] = []
 
@@ -64,7 +66,7 @@ def _capture(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tu
         sent.append((message, delay_s))
 
     async def process(event: ChangeEvent, **kwargs: object) -> Outcome:
-        processed.append(event)
+        processed.append(replace(event, wire_format="recheck") if kwargs.get("deferral") is not None else event)
         return Outcome(event.template, event.side, "C-LAG", "no-change")
 
     monkeypatch.setattr(runtime, "enqueue", enqueue)
@@ -83,10 +85,10 @@ async def test_a_recheck_waits_while_the_queue_runs_further_behind_than_the_time
     assert [e.side for e in processed] == ["fo"]
 
     recheck = _recheck(deferred_seconds_ago=5)  # past the 3 s grace, but not past grace + 40 s of backlog
-    assert await worker.handle_change(runtime, recheck.to_json()) is None
+    assert await worker.handle_change(runtime, recheck) is None
     assert [e.side for e in processed] == ["fo"], "the re-check must not decide yet"
     (message, delay), = sent
-    assert ChangeEvent.from_json(message) == recheck  # the same re-check: its deferral time is kept
+    assert read_envelope(message) == read_envelope(recheck)  # the same re-check: its deferral time is kept
     assert 37 <= delay <= 39  # 3 s grace + 40 s lag - 5 s since the deferral
 
 
@@ -96,19 +98,18 @@ async def test_a_recheck_decides_once_the_grace_and_the_queues_lag_have_passed(
     sent, processed = _capture(runtime, monkeypatch)
     await worker.handle_change(runtime, ChangeEvent(template=CARDS, side="fo", operation="update",
                                                     key={"CardNumber": "C-OTHER"}, received_at=_ago(10)).to_json())
-    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=14).to_json())
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=14))
     assert [e.wire_format for e in processed][-1] == "recheck" and sent == []
 
 
 async def test_waits_on_purpose_are_not_taken_for_backlog(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     """Re-checks and reconcile passes are late by design; they say nothing of the queue's backlog."""
     sent, processed = _capture(runtime, monkeypatch)
-    late_recheck = _recheck(deferred_seconds_ago=500)
-    await worker.handle_change(runtime, replace(late_recheck, received_at=_ago(500)).to_json())
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=500, received_seconds_ago=500))
     reconcile = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-R"},
                             received_at=_ago(300), wire_format="reconcile")
     await worker.handle_change(runtime, reconcile.to_json())
-    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=4).to_json())
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=4))
     assert [e.wire_format for e in processed] == ["recheck", "reconcile", "recheck"] and sent == []
 
 
@@ -116,5 +117,28 @@ async def test_a_recheck_never_waits_past_the_longest_delay(runtime: Runtime, mo
     sent, processed = _capture(runtime, monkeypatch)
     await worker.handle_change(runtime, ChangeEvent(template=CARDS, side="fo", operation="update",
                                                     key={"CardNumber": "C-OTHER"}, received_at=_ago(3000)).to_json())
-    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=worker.MAX_RECHECK_DELAY_S + 1).to_json())
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=worker.MAX_RECHECK_DELAY_S + 1))
     assert processed[-1].wire_format == "recheck" and sent == []
+
+
+async def test_a_recheck_queued_by_an_earlier_version_is_taken_as_its_deferral(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-checks on the queue at an upgrade: a ChangeEvent with `wire_format="recheck"`, F&O's deferred values
+    in `fields` ("(record)" for a whole-record wait) and the deferral's moment in `modified_on`."""
+    deferrals: list[object] = []
+
+    async def process(event: ChangeEvent, **kwargs: object) -> Outcome:
+        deferrals.append(kwargs.get("deferral"))
+        return Outcome(event.template, event.side, "C-OLD", "no-change")
+
+    monkeypatch.setattr(runtime.engine, "process", process)
+    deferred_at = _ago(30)
+    for fields in ({"CardTenderType": "AsCardTender"}, {"(record)": None}):
+        old = ChangeEvent(template=CARDS, side="fo", operation="update", key={"CardNumber": "C-OLD"},
+                          fields=fields, modified_on=deferred_at, wire_format="recheck")
+        await worker.handle_change(runtime, old.to_json())
+    assert deferrals == [
+        Deferral(deferred_at, "re-check queued by an earlier version", {"CardTenderType": "AsCardTender"}),
+        Deferral(deferred_at, "re-check queued by an earlier version", {}, whole_record=True),
+    ]

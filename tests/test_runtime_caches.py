@@ -29,11 +29,11 @@ from devkit.devhost.storage import _transport as devhost_transport
 from loyaltysync import operations, worker
 from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
-from loyaltysync.retries import RetryState, with_retry
+from loyaltysync.retries import RetryState, read_envelope, with_retry
 from loyaltysync.runtime import SUCCESS_SCOPE, LatestDocuments, storage_transport
 from loyaltysync.state import MemoryControlStore
 from loyaltysync.state_tables import TableDeadLetterStore
-from loyaltysync.sync import RECORD_BUSY, WHOLE_RECORD, Outcome
+from loyaltysync.sync import RECORD_BUSY, Outcome
 from tests.conftest import RuntimeFactory
 
 CARDS = "loyalty-cards"
@@ -348,23 +348,29 @@ async def test_no_last_try_for_a_message_with_a_reason_or_one_that_killed_the_po
 
 
 @pytest.mark.parametrize(
-    ("field", "expected_s"),
-    [("CardTenderType", 2 * 40), (WHOLE_RECORD, 15)],
+    ("waits_for", "expected_s"),
+    [("conflict", 2 * 40), ("interrupted-step", 15 + 600)],
 )
 async def test_a_recheck_waits_twice_a_late_events_lag_unless_it_waits_for_an_interrupted_step(
-    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch, field: str, expected_s: int
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch, waits_for: str, expected_s: int
 ) -> None:
     """A conflict deferred by an event 40 s late re-checks after 80 s (the other side's event may be as
     late). A wait for the event that tells what an interrupted step did (a person's change after the
-    step's intent) re-checks after the grace alone: the late event is the dead step's own message."""
+    step's intent) re-checks after the grace plus the queue's 10-minute message lease, whatever this
+    event's lag: that event may be held by an instance that died, and comes back only after the lease."""
     runtime = await make_runtime(CONFLICT_GRACE_SECONDS="15")
     delays: list[float] = []
+    bodies: list[str] = []
 
     async def enqueue(template: str, body: str, *, delay_s: float = 0) -> None:
         delays.append(delay_s)
+        bodies.append(body)
 
     async def deferred(event: ChangeEvent, **kwargs: object) -> Outcome:
-        conflict = {"field": field, "fo": None, "dataverse": None, "winner": None, "rule": "waiting"}
+        if waits_for == "interrupted-step":
+            return Outcome(CARDS, "fo", "C-LATE", "conflict-deferred", waiting="waiting for its delete")
+        conflict = {"field": "CardTenderType", "fo": "AsCardTender", "dataverse": None, "winner": None,
+                    "rule": "waiting"}
         return Outcome(CARDS, "fo", "C-LATE", "conflict-deferred", conflicts=[conflict])
 
     monkeypatch.setattr(runtime, "enqueue", enqueue)
@@ -376,6 +382,14 @@ async def test_a_recheck_waits_twice_a_late_events_lag_unless_it_waits_for_an_in
     await worker.handle_change(runtime, event.to_json())
 
     assert len(delays) == 1 and expected_s <= delays[0] <= expected_s + 2
+    envelope = read_envelope(bodies[0])
+    assert envelope.event == event  # the change as it came, and what waits
+    assert envelope.deferral is not None
+    if waits_for == "interrupted-step":
+        assert (envelope.deferral.whole_record, envelope.deferral.fields) == (True, {})
+        assert envelope.deferral.reason == "waiting for its delete"
+    else:
+        assert (envelope.deferral.whole_record, envelope.deferral.fields) == (False, {"CardTenderType": "AsCardTender"})
 
 
 async def test_a_last_try_that_breaks_otherwise_is_parked_with_what_broke(

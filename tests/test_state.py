@@ -8,6 +8,7 @@ contract as production.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ import pytest
 
 from devkit.azurite import Azurite
 from loyaltysync.errors import ConcurrencyError
+from loyaltysync.intent import Intent, SideIntent
 from loyaltysync.state import (
     MAX_PAYLOAD_UNITS,
     MAX_PROPERTY_UNITS,
@@ -29,6 +31,7 @@ from loyaltysync.state import (
     StateStore,
     SyncRecord,
     dead_letter_id,
+    decode_record,
 )
 from loyaltysync.state_tables import TableStorage
 
@@ -127,13 +130,69 @@ async def test_put_then_get_round_trips_every_field(stores: Stores) -> None:
 
 
 async def test_pending_writes_round_trip_and_a_replace_without_them_clears_them(stores: Stores) -> None:
-    pending = {"dataverse": {"PartyNumber": "P-2", "Points": 3, "Blocked": None}}
-    saved = await stores.state.put(card(pending=pending))
-    assert (await stores.state.get("loyalty-cards", "C-1001")).pending == pending
-    await stores.state.put(replace(saved, pending={}))
-    assert (await stores.state.get("loyalty-cards", "C-1001")).pending == {}
-    with pytest.raises(TypeError, match="pending"):
-        await stores.state.put(card(key="C-1002", pending={"fo": {"PartyNumber": ["not", "a", "scalar"]}}))
+    pending = Intent(
+        {
+            "dataverse": SideIntent("write", {"PartyNumber": "P-2", "Points": 3, "Blocked": None}, version="41"),
+            "fo": SideIntent("create", {"CardNumber": "C-1001"}),
+        },
+        at="2025-01-01T10:00:00.000000Z",
+        by="instance-1",
+    )
+    saved = await stores.state.put(card(intent=pending))
+    assert (await stores.state.get("loyalty-cards", "C-1001")).intent == pending
+    await stores.state.put(replace(saved, intent=None))
+    assert (await stores.state.get("loyalty-cards", "C-1001")).intent is None
+    with pytest.raises(TypeError, match="intent"):
+        await stores.state.put(
+            card(key="C-1002", intent=Intent({"fo": SideIntent("write", {"PartyNumber": ["not", "a", "scalar"]})}))
+        )
+
+
+async def test_the_bookkeeping_of_dataverse_writes_and_fo_field_times_round_trips(stores: Stores) -> None:
+    saved = await stores.state.put(
+        card(written_since_read=True, dataverse_written_at="2025-01-01T10:00:01.5Z",
+             fo_field_times={"Points": "2025-01-01T09:59:00Z"})
+    )
+    loaded = await stores.state.get("loyalty-cards", "C-1001")
+    assert loaded == saved
+    assert (loaded.written_since_read, loaded.dataverse_written_at, loaded.fo_field_times) == (
+        True, "2025-01-01T10:00:01.5Z", {"Points": "2025-01-01T09:59:00Z"}
+    )
+    await stores.state.put(replace(saved, written_since_read=False, dataverse_written_at=None, fo_field_times={}))
+    cleared = await stores.state.get("loyalty-cards", "C-1001")
+    assert (cleared.written_since_read, cleared.dataverse_written_at, cleared.fo_field_times) == (False, None, {})
+
+
+def test_state_stored_by_an_earlier_version_reads_into_the_typed_fields() -> None:
+    """Magic keys in the stored intent, `versions` and `modified` (as a deployed app's state holds them)."""
+    legacy_intent = {
+        "fo": {"LevelDescription": "b", "@version": "7"},
+        "dataverse": {"@delete": True, "@row_id": "row-1", "@version": "1137"},
+        "@": {"at": "2025-01-01T10:00:00.000000Z", "by": "old-instance"},
+    }
+    fields = decode_record({
+        "values": '{"LevelPhrase":"L-1"}',
+        "versions": '{"dataverse":"1137","dataverse:written":"1130","fo":null}',
+        "modified": '{"dataverse":"2025-01-01T09:00:00Z","dataverse:written-at":"2025-01-01T09:30:00Z",'
+                    '"fo":"2025-01-01T08:00:00Z","fo:LevelDescription":"2025-01-01T08:30:00Z","fo:Other":null}',
+        "intent": json.dumps(legacy_intent),
+    })
+    assert fields["intent"] == Intent(
+        {
+            "fo": SideIntent("write", {"LevelDescription": "b"}, version="7"),
+            "dataverse": SideIntent("delete", version="1137", row_id="row-1"),
+        },
+        at="2025-01-01T10:00:00.000000Z",
+        by="old-instance",
+    )
+    assert fields["versions"] == {"dataverse": "1137", "fo": None}
+    assert fields["modified"] == {"dataverse": "2025-01-01T09:00:00Z", "fo": "2025-01-01T08:00:00Z"}
+    assert fields["written_since_read"] is True
+    assert fields["dataverse_written_at"] == "2025-01-01T09:30:00Z"
+    assert fields["fo_field_times"] == {"LevelDescription": "2025-01-01T08:30:00Z"}
+    legacy_create = {"dataverse": {"@create": True, "LevelPhrase": "L-1"}}  # stored without "@": no time, no owner
+    assert Intent.from_dict(legacy_create) == Intent({"dataverse": SideIntent("create", {"LevelPhrase": "L-1"})})
+    assert decode_record({"values": "{}", "versions": "{}", "modified": "{}", "intent": "{}"})["intent"] is None
 
 
 async def test_get_unknown_key_or_template_is_none(stores: Stores) -> None:

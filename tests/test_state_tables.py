@@ -7,9 +7,11 @@ tests/test_state.py, which runs against these stores and the in-memory ones.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import string
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from azure.core.pipeline.transport import AsyncioRequestsTransport
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 from devkit.azurite import Azurite
 from loyaltysync.errors import ConfigError
+from loyaltysync.intent import Intent, SideIntent
 from loyaltysync.state import SyncRecord
 from loyaltysync.state_tables import (
     MAX_KEY_UNITS,
@@ -170,3 +173,54 @@ def test_transport_falls_back_to_requests_without_aiohttp(monkeypatch: pytest.Mo
 def test_safe_alphabet_is_what_the_tests_assume() -> None:
     kept = [c for c in string.printable if encode_key(c) == c]
     assert set(kept) == set(string.ascii_letters + string.digits + "-_.|")
+
+
+async def test_a_record_stored_by_an_earlier_version_is_read_into_typed_fields_and_written_back_typed(
+    service: TableServiceClient, unique_name: str
+) -> None:
+    """A deployed app's state: the intent of a step that died as magic-key JSON, bookkeeping as keys of
+    Versions / Modified. Read once into the typed fields; the next write stores them in their own form."""
+    store = TableStateStore.from_service(service, unique_name)
+    await store.put(SyncRecord("loyalty-levels", "L-1"))  # creates the table
+    table = service.get_table_client(f"{unique_name}state")
+    legacy_intent = {
+        "dataverse": {"LevelDescription": "copied", "@version": "1137"},
+        "@": {"at": "2025-01-01T10:00:00.000000Z", "by": "old-instance"},
+    }
+    await table.upsert_entity({
+        "PartitionKey": "loyalty-levels",
+        "RowKey": "key_L-1",
+        "Template": "loyalty-levels",
+        "Key": "L-1",
+        "Values": '{"LevelDescription":"agreed","LevelPhrase":"L-1"}',
+        "Versions": '{"dataverse":"1137","dataverse:written":"1130"}',
+        "Modified": '{"dataverse:written-at":"2025-01-01T09:30:00Z","fo":"2025-01-01T08:00:00Z",'
+                    '"fo:LevelDescription":"2025-01-01T08:30:00Z"}',
+        "Pending": json.dumps(legacy_intent),
+        "Deleted": False,
+        "UpdatedAt": "2025-01-01T10:00:00.000000Z",
+    })
+
+    record = await store.get("loyalty-levels", "L-1")
+    assert record is not None
+    assert record.intent == Intent(
+        {"dataverse": SideIntent("write", {"LevelDescription": "copied"}, version="1137")},
+        at="2025-01-01T10:00:00.000000Z",
+        by="old-instance",
+    )
+    assert (record.versions, record.modified) == ({"dataverse": "1137"}, {"fo": "2025-01-01T08:00:00Z"})
+    assert (record.written_since_read, record.dataverse_written_at, record.fo_field_times) == (
+        True, "2025-01-01T09:30:00Z", {"LevelDescription": "2025-01-01T08:30:00Z"}
+    )
+
+    await store.put(record)
+    stored = await table.get_entity("loyalty-levels", "key_L-1")
+    assert (stored["Versions"], stored["Modified"]) == ('{"dataverse":"1137"}', '{"fo":"2025-01-01T08:00:00Z"}')
+    assert json.loads(stored["Pending"])["sides"]["dataverse"]["kind"] == "write"
+    assert json.loads(stored["Bookkeeping"]) == {
+        "dataverse_written_at": "2025-01-01T09:30:00Z",
+        "fo_field_times": {"LevelDescription": "2025-01-01T08:30:00Z"},
+        "written_since_read": True,
+    }
+    assert await store.get("loyalty-levels", "L-1") == replace(record, etag=stored.metadata["etag"],
+                                                              updated_at=stored["UpdatedAt"])

@@ -24,7 +24,7 @@ WireFormat = Literal[
     "service-bus",
     "reconcile",
     "replay",
-    "recheck",  # a deferred conflict, looked at again after CONFLICT_GRACE_SECONDS
+    "recheck",  # only in re-checks queued by an earlier version: read as a Deferral (retries.read_envelope)
 ]
 
 

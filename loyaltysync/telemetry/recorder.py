@@ -243,6 +243,8 @@ class Recorder:
                 "duration_ms": round(outcome.duration_ms, 1),
             }
         )
+        if outcome.waiting is not None:
+            span.set_attribute("waiting", outcome.waiting)  # the whole record waits for an interrupted step's events
         if outcome.applied:
             self.instruments.applied.add(1, {**dims, "decision": outcome.reason})
             now = datetime.now(UTC)
@@ -274,6 +276,10 @@ class Recorder:
         """A transient failure the queue will retry."""
         trace.get_current_span().set_attributes({"decision": "retry", "error.code": code or "unknown"})
         self.instruments.retried.add(1, {**self.dimensions(event), "code": code or "unknown"})
+
+    def recheck(self, reason: str) -> None:
+        """The change is the re-check of a deferral (its `wire_format` stays the change's own): why it waited."""
+        trace.get_current_span().set_attributes({"recheck": True, "recheck.reason": reason[:_MAX_STATUS_TEXT]})
 
     def held(self, event: ChangeEvent) -> None:
         """An event put back because its template is paused."""

@@ -58,7 +58,8 @@ async def test_a_killed_process_dies_between_target_write_and_state_update_and_a
             fo, dv = await generator.read(TEMPLATE, KEY)
             assert fo is not None and dv == fo  # the Dataverse write happened before the process died
             state = await runtime.state.get(TEMPLATE, KEY)
-            assert state is not None and "dataverse" in state.pending  # the intent was stored before the write
+            assert state is not None and state.intent is not None
+            assert "dataverse" in state.intent.sides  # the intent was stored before the write
             assert state.values == {}  # ... and the agreed values never were
 
             second = SecondInstance(instance_env(os.environ, CHAOS_KILL_RATE="0"), log, restart=False)
@@ -67,7 +68,7 @@ async def test_a_killed_process_dies_between_target_write_and_state_update_and_a
 
             assert await generator.read(TEMPLATE, KEY) == (fo, dv)
             state = await runtime.state.get(TEMPLATE, KEY)
-            assert state is not None and state.values and not state.pending
+            assert state is not None and state.values and state.intent is None
             entity_set = stack.templates[TEMPLATE].dataverse.entity_set
             assert (await admin.creates())["dataverse"][f"{entity_set}|{KEY}"] == 1
             assert second.unexpected() == []

@@ -21,6 +21,8 @@ from devkit.sandbox import fno as fno_emulator
 from devkit.sandbox.dataverse import AGENT_USER, INTEGRATION_USER
 from loyaltysync.errors import TargetError
 from loyaltysync.events.model import ChangeEvent
+from loyaltysync.intent import Intent, SideIntent
+from loyaltysync.retries import Deferral
 from loyaltysync.state import MemoryStateStore
 from loyaltysync.sync import RECORD_BUSY, Engine
 from loyaltysync.targets.auth import StaticTokenCredential
@@ -254,15 +256,14 @@ async def test_an_fo_change_older_than_the_agents_edit_waits_for_the_recheck_the
     assert (await world.engine.process(fo_user)).reason == "conflict-deferred"  # known: older, but a lower bound
     assert await world.fo_description("OLDER-FO") == "fo user, first"  # nothing decided yet
 
-    recheck = ChangeEvent(template=LEVELS, side="dataverse", operation="update", key={"LevelPhrase": "OLDER-FO"},
-                          wire_format="recheck")
-    outcome = await world.engine.process(recheck, live=False)
+    recheck = ChangeEvent(template=LEVELS, side="dataverse", operation="update", key={"LevelPhrase": "OLDER-FO"})
+    outcome = await world.engine.process(recheck, live=False, deferral=Deferral(utc_seconds()))
 
     assert outcome.writes == {"fo": ["LevelDescription"]}
     assert [c["winner"] for c in outcome.conflicts] == ["dataverse"]
     assert await world.fo_description("OLDER-FO") == "agent, last"
     state = await world.state.get(LEVELS, "OLDER-FO")
-    assert state is not None and state.values["LevelDescription"] == "agent, last" and state.pending == {}
+    assert state is not None and state.values["LevelDescription"] == "agent, last" and state.intent is None
 
 
 async def test_edits_of_different_fields_both_survive_on_records_that_predate_the_sync(world: World) -> None:
@@ -396,14 +397,13 @@ async def test_an_fo_edit_after_the_deferral_wins_the_recheck(world: World) -> N
     deferred = await world.engine.process(agent)
     assert deferred.reason == "conflict-deferred"
     # What the worker queues for later (loyaltysync/worker.py `_recheck_later`).
-    recheck = ChangeEvent(template=LEVELS, side="dataverse", operation="update", key={"LevelPhrase": "AFTER-1"},
-                          fields={c["field"]: c["fo"] for c in deferred.conflicts if c["winner"] is None},
-                          modified_on=utc_seconds(), wire_format="recheck")
-    assert recheck.fields == {"LevelDescription": "fo, early"}
+    recheck = ChangeEvent(template=LEVELS, side="dataverse", operation="update", key={"LevelPhrase": "AFTER-1"})
+    deferral = Deferral(utc_seconds(), fields={c["field"]: c["fo"] for c in deferred.conflicts if c["winner"] is None})
+    assert deferral.fields == {"LevelDescription": "fo, early"}
     await asyncio.sleep(1.1)
     await world.fo.update(FO_SET, {"LevelPhrase": "AFTER-1"}, {"LevelDescription": "fo, last"})
 
-    outcome = await world.engine.process(recheck, live=False)
+    outcome = await world.engine.process(recheck, live=False, deferral=deferral)
 
     assert [c["winner"] for c in outcome.conflicts] == ["fo"]
     assert await world.both_hold("AFTER-1", "fo, last")
@@ -458,8 +458,8 @@ async def test_a_record_busy_for_longer_than_the_pauses_is_retried_later_not_par
     await synced_level(world, "BUSY-1", "a")
     record = await world.state.get(LEVELS, "BUSY-1")
     assert record is not None
-    foreign = {"fo": {"LevelDescription": "b"}, "@": {"at": utc_seconds(), "by": "another-instance"}}
-    await world.state.put(replace(record, pending=foreign))
+    foreign = Intent({"fo": SideIntent("write", {"LevelDescription": "b"})}, at=utc_seconds(), by="another-instance")
+    await world.state.put(replace(record, intent=foreign))
     event = ChangeEvent(template=LEVELS, side="fo", operation="update", key={"LevelPhrase": "BUSY-1"},
                         wire_format="fo-data-event")
 
@@ -501,9 +501,8 @@ async def test_a_crashed_create_that_never_landed_is_made_by_the_recheck(
     await _crash_before_write(world, monkeypatch, created, Engine, "write_dataverse")
     assert (await world.engine.process(created)).reason == "conflict-deferred"
 
-    recheck = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "NEVER-1"},
-                          modified_on=utc_seconds(), wire_format="recheck")
-    outcome = await world.engine.process(recheck, live=False)
+    recheck = ChangeEvent(template=LEVELS, side="fo", operation="create", key={"LevelPhrase": "NEVER-1"})
+    outcome = await world.engine.process(recheck, live=False, deferral=Deferral(utc_seconds()))
 
     assert outcome.created == "dataverse"
     row = await world.dv_row("NEVER-1")
@@ -575,8 +574,7 @@ async def test_an_fo_edit_racing_a_crashed_delete_that_never_landed_is_deleted_b
 
     assert (await world.engine.process(deleted)).reason == "conflict-deferred"
     assert await world.fo_description("RACE-2") == "edited in F&O"
-    recheck = replace(deleted, modified_on=utc_seconds(), wire_format="recheck")
-    outcome = await world.engine.process(recheck, live=False)
+    outcome = await world.engine.process(deleted, live=False, deferral=Deferral(utc_seconds()))
 
     assert outcome.deleted == "fo"
     assert await world.gone("RACE-2")
@@ -612,8 +610,7 @@ async def test_a_late_delete_event_older_than_a_crashed_create_does_not_delete_t
     late = await world.engine.process(fo_deleted)
     assert late.reason == "conflict-deferred" and late.deleted is None
     assert await world.dv_row("LATE-2") is not None
-    recheck = replace(recreated, modified_on=utc_seconds(), wire_format="recheck", complete=False)
-    outcome = await world.engine.process(recheck, live=False)
+    outcome = await world.engine.process(recreated, live=False, deferral=Deferral(utc_seconds()))
 
     assert outcome.created == "fo"
     assert await world.both_hold("LATE-2", "second life")
@@ -638,9 +635,8 @@ async def test_the_event_of_the_syncs_own_fo_write_does_not_date_older_fo_edits(
     assert (await world.engine.process(echo)).reason == "conflict-deferred"  # an echo: no time for F&O
     fo_event = replace(echo, modified_on=fo_edit_time, changed=["LevelDescription"])
     assert (await world.engine.process(fo_event)).reason == "conflict-deferred"  # older than the agent's
-    recheck = replace(agent_edit, complete=False, fields={"LevelDescription": "from F&O"},
-                      modified_on=utc_seconds(), wire_format="recheck", source_version=None)
-    outcome = await world.engine.process(recheck, live=False)
+    deferral = Deferral(utc_seconds(), fields={"LevelDescription": "from F&O"})
+    outcome = await world.engine.process(agent_edit, live=False, deferral=deferral)
 
     assert outcome.writes == {"fo": ["LevelDescription"]}
     assert await world.fo_description("ECHO-1") == "from the agent"
@@ -716,8 +712,7 @@ async def test_an_fo_edit_of_another_field_does_not_date_an_older_fo_edit(world:
     first = await world.engine.process(fo_other)  # the later F&O event comes first
     assert [c["winner"] for c in first.conflicts] == [None]  # the party waits for F&O's time
     assert (await world.engine.process(fo_party)).reason == "conflict-deferred"  # older than the agent's
-    recheck = replace(fo_party, wire_format="recheck", modified_on=utc_seconds(), fields={"PartyNumber": "P-FO"})
-    await world.engine.process(recheck, live=False)
+    await world.engine.process(fo_party, live=False, deferral=Deferral(utc_seconds(), fields={"PartyNumber": "P-FO"}))
 
     fo, dv = await card_rows(world, "FIELD-1")
     assert (fo["PartyNumber"], fo["ReplacementCardNumber"]) == ("P-AGENT", "R-FO")
@@ -957,9 +952,9 @@ async def test_a_record_gone_on_both_sides_after_a_crashed_create_is_a_tombstone
     assert outcome.reason == "both-missing" and not outcome.conflicts
     await asyncio.sleep(1.1)
     await world.fo.create(FO_SET, {"LevelPhrase": "GONE-1", "LevelDescription": "from F&O"})
-    recheck = replace(deleted, operation="update", modified_on=utc_seconds(), wire_format="recheck")
+    recheck = replace(deleted, operation="update")
 
-    again = await world.engine.process(recheck, live=False)
+    again = await world.engine.process(recheck, live=False, deferral=Deferral(utc_seconds()))
 
     assert again.created == "dataverse" and again.deleted is None
     assert await world.both_hold("GONE-1", "from F&O")
@@ -1006,9 +1001,7 @@ async def test_the_recheck_of_a_late_delete_event_does_not_prove_a_crashed_creat
     await _crash_before_write(world, monkeypatch, created, Engine, "write_fo")
     assert (await world.engine.process(fo_deleted)).reason == "conflict-deferred"
     await asyncio.sleep(1.1)
-    recheck = replace(fo_deleted, modified_on=utc_seconds(), wire_format="recheck")
-
-    outcome = await world.engine.process(recheck, live=False)
+    outcome = await world.engine.process(fo_deleted, live=False, deferral=Deferral(utc_seconds()))
 
     assert outcome.deleted is None and outcome.created == "fo"
     assert await world.both_hold("REC-1", "new")
