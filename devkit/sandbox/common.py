@@ -53,7 +53,7 @@ SUBREQUEST_SCOPE_KEY = "devkit.sandbox.subrequest"
 DROPPED_MARKER = "sandbox fault: connection dropped"
 WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 
-_THROTTLE_MESSAGES = {
+THROTTLE_MESSAGES = {
     "dataverse": "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
     "fo": "This request could not be processed at this time due to system experiencing high resource utilization.",
 }
@@ -312,7 +312,7 @@ class SandboxMiddleware:
             return True
         if faults.throttle_rate and rng.random() < faults.throttle_rate:
             counters.errors_injected += 1
-            response = self.error(429, _THROTTLE_MESSAGES.get(self.state.name, _THROTTLE_MESSAGES["dataverse"]))
+            response = self.error(429, THROTTLE_MESSAGES.get(self.state.name, THROTTLE_MESSAGES["dataverse"]))
             response.headers["Retry-After"] = format(faults.throttle_retry_after_s, "g")
             await response(scope, receive, send)
             return True

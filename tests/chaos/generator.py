@@ -30,13 +30,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import httpx
 
 from devkit.sandbox.dataverse import AGENT_USER, CURRENCY_IDS
+from devkit.sim.model import FieldSpec, Model, Op, dv_values, fo_values, key_spec
+from devkit.sim.values import dv_body, fo_body, fresh_value, random_value
 from devkit.stack import Stack
 from loyaltysync.errors import TargetError
 from loyaltysync.runtime import Runtime
@@ -46,7 +46,6 @@ from loyaltysync.targets.fno import FnoClient
 from loyaltysync.targets.http import RetryPolicy
 from loyaltysync.templates import Side, Template
 from tests.chaos.harness import Admin, queue_depth
-from devkit.sim.model import FieldSpec, Model, Op, dv_values, fo_values, key_spec
 
 CROSS_GAP = 10.0  # > the 8 s lease of a killed process's message (5 s after a crash), plus its re-run
 CONFLICT_GAP = 1.3  # > Dataverse's one-second modifiedon precision
@@ -149,64 +148,18 @@ class Generator:
         return f"{PREFIX.get(template, 'K')}-{self._serial:06d}"
 
     def _value(self, spec: FieldSpec) -> Any:
-        """A random value in the model's form (never empty for choices, which F&O cannot hold empty)."""
-        rng = self.rng
-        if spec.value_map is not None:
-            return rng.choice(sorted(spec.value_map))
-        if spec.lookup_entity_set is not None:
-            return rng.choice(sorted(self.currency_ids))
-        if spec.type == "string":
-            return None if rng.random() < 0.08 else f"{spec.fo[:2].upper()}{rng.randrange(10**6):06d}"
-        if spec.type == "integer":
-            return rng.randrange(0, 1000)
-        if spec.type == "decimal":
-            return Decimal(rng.randrange(0, 10**6)).scaleb(-2).normalize()
-        if spec.type == "datetime":
-            if rng.random() < 0.08:
-                return None
-            start = datetime(2024, 1, 1, tzinfo=UTC)
-            return start + timedelta(seconds=rng.randrange(4 * 365 * 86400))
-        raise ValueError(f"no generator for {spec.type}")
+        """A random value in the model's form (devkit/sim/values.py; currencies include any added by the run)."""
+        return random_value(self.rng, spec, self.currency_ids)
 
     def _fresh(self, spec: FieldSpec, *avoid: Any) -> Any:
         """A value that is none of `avoid` (the field must have room for one)."""
-        while True:
-            value = self._value(spec)
-            if value not in avoid:
-                return value
-
-    @staticmethod
-    def _fo_json(spec: FieldSpec, value: Any) -> Any:
-        if value is None:
-            return "1900-01-01T00:00:00Z" if spec.type == "datetime" else ""
-        if isinstance(value, datetime):
-            return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-        if isinstance(value, Decimal):
-            return float(value)
-        return value
-
-    def _dv_body(self, spec: FieldSpec, value: Any) -> dict[str, Any]:
-        if spec.lookup_entity_set is not None:
-            bound = None if value is None else f"/{spec.lookup_entity_set}({self.currency_ids[value]})"
-            return {f"{spec.navigation}@odata.bind": bound}
-        if spec.value_map is not None:
-            return {spec.dataverse: None if value is None else spec.value_map[value]}
-        if isinstance(value, datetime):
-            return {spec.dataverse: value.strftime("%Y-%m-%dT%H:%M:%SZ")}
-        if isinstance(value, Decimal):
-            return {spec.dataverse: float(value)}
-        return {spec.dataverse: value}
+        return fresh_value(self.rng, spec, *avoid, currencies=self.currency_ids)
 
     def fo_body(self, template: str, values: dict[str, Any]) -> dict[str, Any]:
-        specs = {s.fo: s for s in self.model.specs[template]}
-        return {name: self._fo_json(specs[name], value) for name, value in values.items()}
+        return fo_body(self.model.specs[template], values)
 
     def dv_body(self, template: str, values: dict[str, Any]) -> dict[str, Any]:
-        specs = {s.fo: s for s in self.model.specs[template]}
-        body: dict[str, Any] = {}
-        for name, value in values.items():
-            body.update(self._dv_body(specs[name], value))
-        return body
+        return dv_body(self.model.specs[template], values, self.currency_ids)
 
     def record_values(self, template: str, key: str) -> dict[str, Any]:
         """A whole new record: every mapped field, key included."""

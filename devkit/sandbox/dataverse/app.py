@@ -118,7 +118,7 @@ def create_app(
     state = SandboxState(
         name="dataverse", token=token, faults=faults or Faults(), seed=seed, client_factory=client_factory
     )
-    dispatcher = Dispatcher(org, state.delivery)
+    dispatcher = Dispatcher(org, state.delivery.submit)
     tables = virtual_tables((templates or {}).values())
     add_virtual_tables(org, tables)
     # Through the delivery's factory, read at call time: tests swap it after the app is built.

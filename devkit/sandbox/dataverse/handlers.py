@@ -177,7 +177,29 @@ async def patch_row(org: Organization, address: Address, request: Request, costs
     prefs = preferences(request)
     definition = address.definition
     values = writes.parse_body(org, definition, await read_json(request))
-    if_match, if_none_match = request.headers.get("if-match"), request.headers.get("if-none-match")
+    change, status = patch(
+        org, address, values, caller(), request.headers.get("if-match"), request.headers.get("if-none-match")
+    )
+    scope.record([change])
+    scope.charge(costs.write_ms)
+    assert change.after is not None  # noqa: S101 - create and update both leave a row
+    if prefs.representation:
+        body = representation(org, definition, change.after, request, prefs)
+        return json_response(body, status, {"ETag": etag(change.after), **_applied(prefs, representation=True)})
+    return no_content({"OData-EntityId": entity_id(org, definition, change.row_id)})
+
+
+def patch(
+    org: Organization,
+    address: Address,
+    values: Mapping[str, Any],
+    by: scope.Caller,
+    if_match: str | None,
+    if_none_match: str | None,
+) -> tuple[scope.Change, int]:
+    """A PATCH's write: update-only (`If-Match`), create-only (`If-None-Match: *`) or upsert; the change
+    and the status it answers (201 created, 200 updated). Raises DataverseError (404, 412)."""
+    definition = address.definition
     row = address.row
     if if_match is not None:
         if row is None:
@@ -193,33 +215,28 @@ async def patch_row(org: Organization, address: Address, request: Request, costs
             org,
             definition,
             values,
-            caller(),
+            by,
             row_id=None if address.by_key else address.row_id,
             key_values=address.key_values,
         )
-        status = 201
-    else:
-        change = writes.update(org, definition, row, values, caller(), key_values=address.key_values)
-        status = 200
-    scope.record([change])
-    scope.charge(costs.write_ms)
-    assert change.after is not None  # noqa: S101 - create and update both leave a row
-    if prefs.representation:
-        body = representation(org, definition, change.after, request, prefs)
-        return json_response(body, status, {"ETag": etag(change.after), **_applied(prefs, representation=True)})
-    return no_content({"OData-EntityId": entity_id(org, definition, change.row_id)})
+        return change, 201
+    return writes.update(org, definition, row, values, by, key_values=address.key_values), 200
 
 
 async def delete_row(org: Organization, address: Address, request: Request, costs: CostModel) -> Response:
-    if address.row is None:
-        raise missing(address)
-    if_match = request.headers.get("if-match")
-    if if_match is not None and if_match.strip() not in ("*", etag(address.row)):
-        raise _precondition("The version of the existing record doesn't match the RowVersion property provided.")
-    change = writes.delete(org, address.definition, address.row, caller())
+    change = remove(org, address, caller(), request.headers.get("if-match"))
     scope.record([change])
     scope.charge(costs.write_ms)
     return no_content()
+
+
+def remove(org: Organization, address: Address, by: scope.Caller, if_match: str | None) -> scope.Change:
+    """A DELETE's write; 404 for a row that is not there, 412 for an `If-Match` ETag that is not the row's."""
+    if address.row is None:
+        raise missing(address)
+    if if_match is not None and if_match.strip() not in ("*", etag(address.row)):
+        raise _precondition("The version of the existing record doesn't match the RowVersion property provided.")
+    return writes.delete(org, address.definition, address.row, by)
 
 
 # -- one column -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from devkit.sandbox.dataverse import seed
@@ -29,7 +29,18 @@ OBJECT_ID_KEY = "azureactivedirectoryobjectid"
 class Organization:
     """Everything the Dataverse emulator stores, independent of HTTP."""
 
-    def __init__(self, *, public_url: str = "http://localhost", templates: Iterable[Template] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        public_url: str = "http://localhost",
+        templates: Iterable[Template] = (),
+        now: Callable[[], str] = utc_now,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        """`now` gives the time writes stamp (stored form, `values.utc_now` by default) and `new_id` the ids
+        of new rows (random GUIDs by default); the deterministic simulator passes its own."""
+        self.now = now
+        self.new_id = new_id
         self.public_url = public_url.rstrip("/")
         self.base_url = self.public_url + API_PATH
         self.store = Store()
@@ -93,7 +104,7 @@ class Organization:
 
     def system_values(self, user_id: str, on_behalf_of: str | None, *, creating: bool) -> dict[str, Any]:
         """The platform columns a write sets: timestamps, users, version."""
-        now = utc_now()
+        now = self.now()
         values: dict[str, Any] = {
             "modifiedon": now,
             "modifiedby": user_id,
@@ -108,7 +119,7 @@ class Organization:
         """Insert a row directly (no webhooks, no protection), filling the platform columns."""
         definition = self.defs[logical_name]
         row = {**self.system_values(user_id or seed.INTEGRATION_USER.systemuserid, None, creating=True), **values}
-        row.setdefault(definition.primary_id, str(uuid.uuid4()))
+        row.setdefault(definition.primary_id, self.new_id())
         return self.tables[logical_name].insert(row)
 
     def user_by_object_id(self, object_id: str) -> dict[str, Any] | None:

@@ -139,12 +139,14 @@ def parse_query(definition: TableDef, params: Mapping[str, str]) -> Query:
 class Snapshots:
     """Recently computed result id lists, by cookie id (least recently used evicted)."""
 
-    def __init__(self, size: int = SNAPSHOTS) -> None:
+    def __init__(self, size: int = SNAPSHOTS, new_key: Callable[[], str] = lambda: secrets.token_hex(8)) -> None:
+        """`new_key` names a snapshot (hex digits; random by default, seeded in the simulator)."""
         self._items: OrderedDict[str, list[str]] = OrderedDict()
         self._size = size
+        self._new_key = new_key
 
     def put(self, ids: list[str]) -> str:
-        key = secrets.token_hex(8)
+        key = self._new_key()
         self._items[key] = ids
         while len(self._items) > self._size:
             self._items.popitem(last=False)

@@ -8,6 +8,7 @@ Errors carry the codes and messages docs/wire-formats.md §1.4 documents.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -87,6 +88,7 @@ def parse_datetime(text: str) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@functools.lru_cache(maxsize=4096)
 def to_epoch_ms(stored: str) -> int:
     """Milliseconds since 1970 of a stored date (for the WCF `/Date(ms)/` form)."""
     moment = datetime.strptime(stored, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
@@ -157,6 +159,13 @@ def coerce(column: Column, value: Any, table: str) -> Any:
     raise _cannot_convert(value, column)
 
 
+@functools.lru_cache(maxsize=4096)
+def _formatted_date(stored: str) -> str:
+    moment = datetime.strptime(stored, "%Y-%m-%dT%H:%M:%SZ")
+    hour = moment.hour % 12 or 12
+    return f"{moment.month}/{moment.day}/{moment.year} {hour}:{moment.minute:02d} {'AM' if moment.hour < 12 else 'PM'}"
+
+
 def _check_range(value: float, column: Column, table: str) -> None:
     low, high = column.min_value, column.max_value
     if (low is not None and value < low) or (high is not None and value > high):
@@ -173,11 +182,7 @@ def formatted(column: Column, stored: Any) -> str | None:
     if kind == "Boolean":
         return (column.options or {1: "Yes", 0: "No"}).get(1 if stored else 0)
     if kind == "DateTime":
-        moment = datetime.strptime(stored, "%Y-%m-%dT%H:%M:%SZ")
-        hour = moment.hour % 12 or 12
-        return (
-            f"{moment.month}/{moment.day}/{moment.year} {hour}:{moment.minute:02d} {'AM' if moment.hour < 12 else 'PM'}"
-        )
+        return _formatted_date(stored)
     if kind in ("Integer", "BigInt"):
         return f"{stored:,}"
     if kind in ("Decimal", "Double"):

@@ -23,11 +23,8 @@ The chain this stands in for (docs/fno-events.md, wire-formats B2):
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
-import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -219,21 +216,23 @@ class DataEventLink:
         for route in self.dispatcher.routes(message, table_name):
             if message == "OnExternalUpdated" and route.filtering and not route.filtering & changed:
                 continue
-            self.dispatcher.delivery.submit(self._outgoing(context, message, table_name, route))
+            self.dispatcher.submit(self._outgoing(context, message, table_name, route))
             submitted += 1
         return submitted
 
     def _outgoing(self, context: Mapping[str, Any], message: str, table_name: str, route: StepRoute) -> Outgoing:
-        payload = copy.deepcopy(dict(context))
-        operation_id = str(uuid.uuid4())
-        correlation_id = str(payload.get("CorrelationId") or uuid.uuid4())
+        # A copy of the top level: only top-level keys are replaced below or dropped by the reduced form; the row
+        # data inside is shared with the other steps' deliveries and never changed.
+        payload = dict(context)
+        operation_id = self.dispatcher.new_id()
+        correlation_id = str(payload.get("CorrelationId") or self.dispatcher.new_id())
         # The asynchronous operation of this organization's step; the row data stays as F&O sent it.
         payload.update(
             BusinessUnitId=seed.BUSINESS_UNIT_ID,
             CorrelationId=correlation_id,
             Depth=1,
             Mode=1,
-            OperationCreatedOn=f"/Date({int(time.time() * 1000)}+0000)/",
+            OperationCreatedOn=f"/Date({int(self.dispatcher.clock() * 1000)}+0000)/",
             OperationId=operation_id,
             OrganizationId=seed.ORGANIZATION_ID,
             OrganizationName=seed.ORGANIZATION_NAME,

@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +24,7 @@ from devkit.sandbox.dataverse import context
 from devkit.sandbox.dataverse.org import Organization
 from devkit.sandbox.dataverse.registration import HTTP_HEADER, HTTP_QUERY, WEBHOOK, WEBHOOK_KEY, parse_settings
 from devkit.sandbox.dataverse.scope import Change
-from devkit.sandbox.delivery import DATAVERSE_WEBHOOK_RETRY, Delivery, Outgoing
+from devkit.sandbox.delivery import DATAVERSE_WEBHOOK_RETRY, Outgoing
 
 SIZE_LIMIT = 256 * 1024
 REDUCED_AWAY = ("ParentContext", "InputParameters", "PreEntityImages", "PostEntityImages")
@@ -76,12 +76,31 @@ def _dumps(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).replace("/", "\\/").encode()
 
 
-class Dispatcher:
-    """Turns committed changes into webhook deliveries and keeps a log of what it sent."""
+def _random_id() -> str:
+    return str(uuid.uuid4())
 
-    def __init__(self, org: Organization, delivery: Delivery, *, size_limit: int = SIZE_LIMIT) -> None:
+
+class Dispatcher:
+    """Turns committed changes into webhook deliveries and keeps a log of what it sent.
+
+    `submit` takes each delivery (the sandbox's delivery queue; the simulator hands it on at once).
+    `new_id` and `clock` (seconds since 1970) give operation and request ids and the operation time:
+    random GUIDs and the wall clock by default, the simulator's seeded ones there.
+    """
+
+    def __init__(
+        self,
+        org: Organization,
+        submit: Callable[[Outgoing], None],
+        *,
+        size_limit: int = SIZE_LIMIT,
+        new_id: Callable[[], str] = _random_id,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.org = org
-        self.delivery = delivery
+        self.submit = submit
+        self.new_id = new_id
+        self.clock = clock
         self.size_limit = size_limit
         self.log: deque[dict[str, Any]] = deque(maxlen=1000)
         self._routes: dict[tuple[str, str], list[Route]] = {}
@@ -137,7 +156,7 @@ class Dispatcher:
             for route in self.routes(change.message, change.table):
                 if change.message == "Update" and route.filtering and not route.filtering & change.submitted.keys():
                     continue
-                self.delivery.submit(self._outgoing(change, route, correlation_id))
+                self.submit(self._outgoing(change, route, correlation_id))
                 submitted += 1
         return submitted
 
@@ -158,13 +177,13 @@ class Dispatcher:
 
     def _outgoing(self, change: Change, route: Route, correlation_id: str) -> Outgoing:
         pre, post = self._images(change, route)
-        operation_id = str(uuid.uuid4())
+        operation_id = self.new_id()
         payload = context.build(
             self.org,
             change,
             correlation_id=correlation_id,
             operation_id=operation_id,
-            operation_created_ms=int(time.time() * 1000),
+            operation_created_ms=int(self.clock() * 1000),
             step_id=route.step_id,
             pre_images=pre,
             post_images=post,
@@ -183,7 +202,7 @@ class Dispatcher:
         body = _dumps(payload)
         headers = {
             "Content-Type": "application/json",
-            "x-request-id": str(uuid.uuid4()),
+            "x-request-id": self.new_id(),
             "x-ms-dynamics-organization": self.organization_host,
             "x-ms-dynamics-entity-name": table.lower(),
             "x-ms-dynamics-request-name": message.lower(),
@@ -198,7 +217,7 @@ class Dispatcher:
         headers.update(route.headers)
         self.log.append(
             {
-                "time": datetime.now(UTC).isoformat(),
+                "time": datetime.fromtimestamp(self.clock(), UTC).isoformat(),
                 "operation_id": operation_id,
                 "step_id": route.step_id,
                 "url": route.url.split("?")[0],

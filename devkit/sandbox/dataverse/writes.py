@@ -9,8 +9,7 @@ the `Change` that webhooks are built from. Nothing here speaks HTTP.
 from __future__ import annotations
 
 import re
-import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +72,11 @@ def _pairs(key_text: str) -> list[tuple[str | None, str | int]]:
 
 def locate(org: Organization, definition: TableDef, key_text: str) -> Address:
     """Resolve `<guid>`, `<id column>=<guid>` or `<alternate key columns>='value'` to an `Address`."""
-    pairs = _pairs(key_text)
+    return locate_pairs(org, definition, _pairs(key_text))
+
+
+def locate_pairs(org: Organization, definition: TableDef, pairs: Sequence[tuple[str | None, Any]]) -> Address:
+    """`locate` for a key predicate already split into (name, value) pairs (decoded values)."""
     table = org.tables[definition.logical_name]
     if len(pairs) == 1 and pairs[0][0] in (None, definition.primary_id):
         value = pairs[0][1]
@@ -196,7 +199,7 @@ def create(
     submitted = dict(values)
     if key_values:
         submitted.update(key_values)
-    new_id = submitted.get(definition.primary_id) or row_id or str(uuid.uuid4())
+    new_id = submitted.get(definition.primary_id) or row_id or org.new_id()
     if row_id and new_id != row_id:
         raise bad_request("The id in the URL and the id in the body are different.", ODATA)
     system = org.system_values(caller.user_id, caller.on_behalf_of, creating=True)

@@ -8,6 +8,7 @@ decoded before parsing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -33,6 +34,11 @@ def _key_values(entity: EntityDef, predicate: str) -> tuple[Any, ...]:
         pairs = parse_key_predicate(predicate)
     except ODataSyntaxError as exc:
         raise bad_query(f"Bad key predicate '({predicate})': {exc.message}") from None
+    return key_values(entity, pairs)
+
+
+def key_values(entity: EntityDef, pairs: Sequence[tuple[str | None, Any]]) -> tuple[Any, ...]:
+    """The key values of a parsed key predicate in `entity.keys` order; FnoError as F&O refuses a bad key."""
     keys = entity.keys
     if len(pairs) != len(keys):
         raise bad_query(

@@ -69,8 +69,11 @@ class FnoData:
         default_company: str,
         rng: random.Random,
         publish: Callable[[Change], None] = lambda change: None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        """`clock` dates each change (its event time): the wall clock by default, the simulator's there."""
         self.catalog = catalog
+        self.clock = clock
         self.default_company = default_company.lower()
         self.store = Store()
         self.tables: dict[str, Table] = {}
@@ -224,7 +227,7 @@ class FnoData:
         before: dict[str, Any] | None,
         submitted: tuple[str, ...],
     ) -> None:
-        change = Change(entity, change_type, row, before, submitted, int(row[RECID]), datetime.now(UTC))
+        change = Change(entity, change_type, row, before, submitted, int(row[RECID]), self.clock())
         pending = _PENDING.get()
         if pending is not None:
             pending.append(change)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import uuid
@@ -62,8 +63,13 @@ def _guid(rng: random.Random) -> str:
 
 def row_guid(entity: EntityDef, recid: int) -> str:
     """The virtual-table row id: entity id in the first 4 bytes, RecId in the last 8."""
-    raw = entity.entity_id.to_bytes(4, "big") + bytes(4) + recid.to_bytes(8, "big")
-    return str(uuid.UUID(bytes=raw))
+    return _row_guid(entity.entity_id, recid)
+
+
+@functools.lru_cache(maxsize=65536)
+def _row_guid(entity_id: int, recid: int) -> str:
+    # Several times per event (Target, images, the id attribute): worth remembering.
+    return str(uuid.UUID(bytes=entity_id.to_bytes(4, "big") + bytes(4) + recid.to_bytes(8, "big")))
 
 
 def primary_field(entity: EntityDef, row: dict[str, Any]) -> str:
@@ -158,6 +164,11 @@ class EventFactory:
 
     def data_event(self, change: Change, step_id: str) -> tuple[dict[str, Any], dict[str, str]]:
         """The RemoteExecutionContext body and the delivery headers for `change` (wire-formats B2)."""
+        context, headers, _ = self.encoded_data_event(change, step_id)
+        return context, headers
+
+    def encoded_data_event(self, change: Change, step_id: str) -> tuple[dict[str, Any], dict[str, str], bytes]:
+        """`data_event` plus the JSON body as sent (encoded once: its size decides the reduced form)."""
         entity = change.entity
         all_names = tuple(p.name for p in entity.properties)
         target: dict[str, Any]
@@ -221,9 +232,11 @@ class EventFactory:
             "x-ms-dynamics-request-name": message,
             "x-ms-correlation-request-id": correlation,
         }
-        if len(json.dumps(context)) > MAX_CONTEXT_BYTES:
+        body = json.dumps(context).encode()
+        if len(body) > MAX_CONTEXT_BYTES:
             # Over 256 KB the platform strips the row data: only ids and names remain.
             for key in ("ParentContext", "InputParameters", "PreEntityImages", "PostEntityImages"):
                 context.pop(key)
             headers["x-ms-dynamics-msg-size-exceeded"] = "true"
-        return context, headers
+            body = json.dumps(context).encode()
+        return context, headers, body

@@ -8,7 +8,7 @@ One handler per kind of resource; each finds what a reader would look for
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -29,7 +29,7 @@ from devkit.sandbox.fno.errors import (
 )
 from devkit.sandbox.fno.filters import compile_filter, key_lookup, parse_filter_for
 from devkit.sandbox.fno.metadata import render_metadata
-from devkit.sandbox.fno.query import SKIPTOKEN, page_size, parse_query, run_query
+from devkit.sandbox.fno.query import SKIPTOKEN, Page, Query, page_size, parse_query, run_query
 from devkit.sandbox.fno.schema import EntityDef
 from devkit.sandbox.fno.values import to_json
 from devkit.sandbox.odata import format_key_predicate
@@ -50,6 +50,32 @@ def render_row(entity: EntityDef, row: dict[str, Any], select: tuple[str, ...] |
         if select is None or prop.name in select:
             out[prop.name] = to_json(row[prop.name])
     return out
+
+
+def company_scope(data: FnoData, entity: EntityDef, cross_company: bool) -> str | None:
+    """The company a read is limited to: the default one unless cross-company=true."""
+    return None if cross_company or not entity.company_specific else data.default_company
+
+
+def find_row(data: FnoData, entity: EntityDef, key: tuple[Any, ...] | None, cross_company: bool) -> dict[str, Any]:
+    """The row a key addresses; 404 when there is none, or it is another company's without cross-company=true."""
+    row = data.get(entity, key) if key is not None else None
+    company = company_scope(data, entity, cross_company)
+    if row is None or (company is not None and str(row["dataAreaId"]).casefold() != company):
+        raise not_found(entity.entity_set)
+    return row
+
+
+def query_page(
+    data: FnoData, entity: EntityDef, params: Mapping[str, str], size: int
+) -> tuple[Query, Page, list[dict[str, Any]]]:
+    """One page of a collection read: the parsed query, the page, and its rows as F&O's JSON."""
+    query = parse_query(entity, params)
+    columns = data.columns(entity)
+    rows = data.tuples(entity, company_scope(data, entity, query.cross_company), key_lookup(entity, query.filter))
+    accept = compile_filter(entity, query.filter, columns) if query.filter is not None else None
+    page = run_query(rows, columns, query, accept, size)
+    return query, page, [render_row(entity, dict(zip(columns, r, strict=True)), query.select) for r in page.rows]
 
 
 def _prefers(request: Request, token: str) -> bool:
@@ -132,22 +158,17 @@ class DataApi:
     def _company(self, request: Request, entity: EntityDef) -> str | None:
         """The company a read is limited to: the default one unless cross-company=true."""
         cross = request.query_params.get("cross-company", "").lower() == "true"
-        return None if cross or not entity.company_specific else self.data.default_company
+        return company_scope(self.data, entity, cross)
 
     def _collection(self, request: Request, entity: EntityDef) -> Response:
-        params = request.query_params
-        query = parse_query(entity, params)
         size = page_size(request.headers.get("prefer"), self.data.max_page_size)
-        columns = self.data.columns(entity)
-        rows = self.data.tuples(entity, self._company(request, entity), key_lookup(entity, query.filter))
-        accept = compile_filter(entity, query.filter, columns) if query.filter is not None else None
-        page = run_query(rows, columns, query, accept, size)
+        query, page, rendered = query_page(self.data, entity, request.query_params, size)
         root = self.service_root(request)
         selected = f"({','.join(query.select)})" if query.select else ""
         body: dict[str, Any] = {"@odata.context": f"{root}/$metadata#{entity.entity_set}{selected}"}
         if page.total is not None:
             body["@odata.count"] = page.total
-        body["value"] = [render_row(entity, dict(zip(columns, r, strict=True)), query.select) for r in page.rows]
+        body["value"] = rendered
         if page.next_skiptoken is not None:
             kept = [p for p in request.url.query.split("&") if p and not p.startswith(("$skiptoken=", "%24skiptoken="))]
             kept.append(f"{SKIPTOKEN}={page.next_skiptoken}")
@@ -166,12 +187,8 @@ class DataApi:
         return Response(str(sum(1 for _ in rows)), media_type="text/plain", headers=ODATA_HEADERS)
 
     def _row(self, request: Request, address: Address) -> dict[str, Any]:
-        entity, key = address.entity, address.key
-        row = self.data.get(entity, key) if key is not None else None
-        company = self._company(request, entity)
-        if row is None or (company is not None and str(row["dataAreaId"]).casefold() != company):
-            raise not_found(entity.entity_set)
-        return row
+        cross = request.query_params.get("cross-company", "").lower() == "true"
+        return find_row(self.data, address.entity, address.key, cross)
 
     def _read(self, request: Request, address: Address) -> Response:
         entity = address.entity

@@ -124,9 +124,8 @@ class Publisher:
                     business[s.business_event_id] = json.dumps(event).encode()
                 body = business[s.business_event_id]
             else:
-                context, extra = self.factory.data_event(change, step_id=s.id)
+                _, extra, body = self.factory.encoded_data_event(change, step_id=s.id)
                 headers.update(extra)
-                body = json.dumps(context).encode()
             headers.update(s.headers)
             description = f"{s.format} {change.change_type} {change.entity.entity_set} -> {s.url}"
             item_id = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
