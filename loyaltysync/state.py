@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import copy
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -385,12 +384,17 @@ class MemoryStateStore:
         self._clock = clock
         self._etags = _Etags()
         self._rows: dict[tuple[str, str], SyncRecord] = {}
+        self._texts: dict[tuple[str, str], dict[str, str]] = {}  # what Table Storage would hold
         self._row_ids: dict[tuple[str, str], str] = {}
+
+    def _read(self, where: tuple[str, str]) -> SyncRecord | None:
+        """A fresh copy of a stored record, decoded from its stored texts as a Table Storage read is."""
+        stored = self._rows.get(where)
+        return None if stored is None else replace(stored, **decode_record(self._texts[where]))
 
     async def get(self, template: str, key: str) -> SyncRecord | None:
         await asyncio.sleep(0)  # a real store yields here; so concurrent callers interleave alike
-        stored = self._rows.get((template, key))
-        return copy.deepcopy(stored)
+        return self._read((template, key))
 
     async def put(self, record: SyncRecord) -> SyncRecord:
         texts = encode_record(record)
@@ -403,9 +407,10 @@ class MemoryStateStore:
             raise ConcurrencyError(f"sync state {record.template}/{record.key} changed since it was read")
         saved = replace(record, **decode_record(texts), updated_at=self._clock(), etag=self._etags.next())
         self._rows[where] = saved
+        self._texts[where] = texts
         if saved.row_id is not None:
             self._row_ids[(record.template, saved.row_id)] = record.key
-        return copy.deepcopy(saved)
+        return self._read(where)  # type: ignore[return-value]
 
     async def put_many(self, records: Sequence[SyncRecord]) -> int:
         texts = [encode_record(record) for record in records]  # all checked before any is stored
@@ -414,6 +419,7 @@ class MemoryStateStore:
         for where, (record, text) in latest.items():
             saved = replace(record, **decode_record(text), updated_at=self._clock(), etag=self._etags.next())
             self._rows[where] = saved
+            self._texts[where] = text
             if saved.row_id is not None:
                 self._row_ids[(record.template, saved.row_id)] = record.key
         return len(latest)
@@ -428,13 +434,16 @@ class MemoryStateStore:
         if stored.etag != record.etag:
             raise ConcurrencyError(f"sync state {record.template}/{record.key} changed since it was read")
         del self._rows[(record.template, record.key)]
+        del self._texts[(record.template, record.key)]
         if stored.row_id is not None and self._row_ids.get((record.template, stored.row_id)) == record.key:
             del self._row_ids[(record.template, stored.row_id)]
 
     async def list(self, template: str) -> AsyncIterator[SyncRecord]:
-        for (row_template, _), stored in builtins.list(self._rows.items()):
-            if row_template == template:
-                yield copy.deepcopy(stored)
+        for where in builtins.list(self._rows):
+            if where[0] == template:
+                found = self._read(where)
+                if found is not None:
+                    yield found
 
     async def count(self, template: str) -> int:
         await asyncio.sleep(0)
@@ -444,9 +453,9 @@ class MemoryStateStore:
         await asyncio.sleep(0)
         key = self._row_ids.get((template, row_id))
         stored = None if key is None else self._rows.get((template, key))
-        if stored is None or stored.row_id != row_id:
+        if stored is None or stored.row_id != row_id or key is None:
             return None
-        return copy.deepcopy(stored)
+        return self._read((template, key))
 
     async def close(self) -> None:
         return None

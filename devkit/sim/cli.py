@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("PYTHONHASHSEED") != "0":
         # Set iteration order of strings depends on the hash seed: fix it so a trace is the same everywhere.
         os.environ["PYTHONHASHSEED"] = "0"
-        os.execv(sys.executable, [sys.executable, "-m", "devkit.sim", *(argv if argv is not None else sys.argv[1:])])
+        arguments = [sys.executable, "-m", "devkit.sim", *(argv if argv is not None else sys.argv[1:])]
+        os.execv(sys.executable, arguments)  # noqa: S606 - this interpreter again, same arguments
     keep = frozenset(int(i) for i in args.keep.split(",")) if args.keep else None
     trace = hashlib.sha256()
     operations = crashes = faults = violations = 0

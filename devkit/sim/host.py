@@ -101,7 +101,7 @@ class SimQueue:
         self.sent += 1
 
     def receive(self, count: int, lease_s: float) -> list[Received]:
-        now, found = self._now(), []
+        now, found = self._now(), list[Received]()
         while self._visible and len(found) < count and self._visible[0][0] <= now:
             visible_at, _, message_id = heapq.heappop(self._visible)
             stored = self._messages.get(message_id)
@@ -175,7 +175,12 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 class Latency:
-    """A virtual pause drawn from the simulation's generator: every platform call awaits one before and after."""
+    """A virtual pause drawn from the simulation's generator.
+
+    Every platform call yields before it (another task may run first) and pauses after it (the
+    call takes time; a process killed there has its write landed and its answer lost). One timed
+    pause per call, not two: timers are what a simulated second costs.
+    """
 
     def __init__(self, rng: random.Random, low_s: float = 0.002, high_s: float = 0.02) -> None:
         self._rng = rng
@@ -185,7 +190,7 @@ class Latency:
         await asyncio.sleep(self._rng.uniform(self.low_s, self.high_s))
 
     async def around(self, work: Callable[[], Awaitable[T]]) -> T:
-        await self()
+        await asyncio.sleep(0)
         result = await work()
         await self()
         return result

@@ -113,9 +113,10 @@ class Judge:
                 if row is not None:
                     for problem in self._values(specs, last, history, row, processed):
                         note("C3", f"in {'F&O' if side == 'fo' else 'Dataverse'}: {problem}")
-        for side in ("fo", "dataverse"):
+        sides: tuple[Side, Side] = ("fo", "dataverse")
+        for side in sides:
             made = sum(1 for w in history if w.actor == "sync" and w.kind == "create" and w.side == side)
-            asked = sum(1 for w in people if w.kind == "create" and w.side == _other(side))  # type: ignore[arg-type]
+            asked = sum(1 for w in people if w.kind == "create" and w.side == _other(side))
             if made > asked:
                 note("C4", f"the sync created it {made} times in {side}, people created it {asked} times in the other")
         synced = sum(1 for w in history if w.actor == "sync")

@@ -56,7 +56,7 @@ class VirtualLoop(asyncio.BaseEventLoop):
         self.dropped = 0
         self.failures: list[str] = []  # exceptions nobody retrieved: a bug in the code under test
         self.set_exception_handler(self._unhandled)
-        self.set_task_factory(_task_factory)  # type: ignore[arg-type]
+        self.set_task_factory(_task_factory)
 
     # -- time -------------------------------------------------------------------------------
 
@@ -90,7 +90,7 @@ class VirtualLoop(asyncio.BaseEventLoop):
             for task in self.corpses:
                 coroutine = task.get_coro()
                 try:
-                    coroutine.close()  # type: ignore[union-attr]
+                    coroutine.close()
                 except BaseException:  # noqa: S110 - a killed process's clean-up failing after the run
                     pass
                 task._log_destroy_pending = False  # type: ignore[attr-defined]

@@ -72,8 +72,8 @@ def plan(
         roll = rng.random()
         side = rng.choice(SIDES)
 
-        def add(at: float, key: str, where: Side, kind: Kind, values: Mapping[str, Any]) -> None:
-            ops.append(PlannedOp(len(ops), round(at, 3), template, key, where, kind, dict(values)))
+        def add(at: float, key: str, where: Side, kind: Kind, values: Mapping[str, Any], name: str = template) -> None:
+            ops.append(PlannedOp(len(ops), round(at, 3), name, key, where, kind, dict(values)))
 
         if not live or (roll < 0.15 and len(live) < LIVE_RECORDS):
             serial += 1

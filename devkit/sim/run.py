@@ -61,7 +61,7 @@ class Config:
     seed: int
     operations: int
     instances: int = 3
-    crash_rate: float = 1 / 1500  # per step of an instance's tasks
+    crash_rate: float = 1 / 4000  # per step of a function invocation
     skew_s: float = 1.0  # each clock (F&O, Dataverse, every instance) within +-skew of true time
     drop_rate: float = 0.01  # webhooks and events lost on the way (the reconciler's job)
     duplicate_rate: float = 0.03
@@ -160,7 +160,7 @@ class Faults:
                 self.windows.append(_Window(side, "outage", start, start + rng.uniform(0.01, 0.04) * span_s + 10))
 
     async def before(self, side: Side, operation: str) -> None:
-        await asyncio.sleep(self.rng.uniform(0.005, 0.05))
+        await asyncio.sleep(self.rng.uniform(0.005, 0.05))  # the request's round trip
         if self.calm:
             return
         now = self.loop.time()
@@ -173,7 +173,7 @@ class Faults:
             raise sim.fault(side, self.rng.choice(("unavailable", "error", "unreachable")))
 
     async def after(self, side: Side, operation: str, committed: bool) -> None:
-        await asyncio.sleep(self.rng.uniform(0.005, 0.05))
+        await asyncio.sleep(0)  # the answer on its way back: a point where the caller may die (one timed pause per call)
         if committed and not self.calm and self.rng.random() < self.config.lost_answer_rate:
             self.count += 1
             raise sim.fault(side, self.rng.choice(("timeout", "gateway-timeout", "dropped")))
@@ -252,7 +252,10 @@ class Journal:
 
         kind: Kind = {"Created": "create", "Updated": "update", "Deleted": "delete"}[change.change_type]  # type: ignore[assignment]
         after = None if kind == "delete" else terms(change.row)
-        before = terms(change.before) if change.before is not None else (terms(change.row) if kind == "delete" else None)
+        if change.before is not None:
+            before = terms(change.before)
+        else:
+            before = terms(change.row) if kind == "delete" else None
         return self._write("fo", template, kind, before, after)
 
 
@@ -283,8 +286,11 @@ class Network:
         self.refused: list[str] = []
         self.event_writes: dict[str, int] = {}  # event id -> the write it tells of
         # Deliveries belong to the services, not to the process whose write caused them: a fresh context,
-        # so a crash of that process does not drop them.
+        # so a crash of that process does not drop them. The function that receives them (stateless, it
+        # answers without awaiting anything) runs on a machine of its own: its clock stamps `received_at`.
         self._context = contextvars.Context()
+        self._context.run(timesource.use, VirtualTime(loop, rng.uniform(-config.skew_s, config.skew_s),
+                                                      random.Random(rng.getrandbits(64))))  # noqa: S311
 
     def deliver(self, endpoint: Side, template: str, body: bytes, headers: dict[str, str]) -> None:
         write = self.journal.current
@@ -347,7 +353,7 @@ class World:
         self.crashes = 0
         self.played = 0
         self.services: sim.SimServices | None = None
-        self._drop_ambiguity = 0
+        self.closed = False
 
     def skew(self) -> float:
         return self.rngs["skew"].uniform(-self.config.skew_s, self.config.skew_s)
@@ -396,6 +402,8 @@ class World:
 
     def _finished(self, queue: str, body: str, outcome: Outcome | None, failure: BaseException | None,
                   at: float) -> None:
+        if self.closed:
+            return  # a killed process's invocation, closed at the end of the run
         if failure is not None and not isinstance(failure, TargetError):
             self.failures.append(f"{queue}: {type(failure).__name__}: {failure}")
         if outcome is None:
@@ -477,6 +485,7 @@ def simulate(config: Config) -> Result:
         problems = loop.run_until_complete(_simulate(world))
         return _judge(world, problems)
     finally:
+        world.closed = True
         loop.shutdown()
         asyncio.set_event_loop(None)
         random.setstate(state)
