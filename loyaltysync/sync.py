@@ -485,23 +485,29 @@ def _judge(gathered: _Gathered) -> Agreed | Wait:
     record, evidence = gathered.record, gathered.evidence
     agreed = agreed_from_state(record.values if record else None, record.deleted if record else False)
     before = evidence.event.before
-    if agreed.exists and record is not None and _another_dataverse_row(record.row_id, gathered.dv):
-        # The agreed record's Dataverse row was deleted and the key created again (a new row id) before the
-        # sync saw the delete: the agreed values belong to the old row; the new one is a new record, whose
-        # fields meet F&O's as after a tombstone (the later writer wins), and the delete beat F&O's edits.
-        agreed = Agreed(values=agreed.values, exists=False)
     if not agreed.exists and before and gathered.fo.exists and gathered.dv.exists and not (record and record.deleted):
         # No agreed values yet (both sides held the record before the sync did): the pre-image says
         # what this change touched, so fields it did not touch are not a conflict with the other side.
         agreed = Agreed(values=dict(before), exists=True)
-    if record is None or record.intent is None:
-        return agreed
-    return settle(agreed, record.intent, evidence)
+    if record is not None and record.intent is not None:
+        settled = settle(agreed, record.intent, evidence)
+        if isinstance(settled, Wait):
+            return settled
+        agreed = settled
+    if agreed.exists and record is not None and _made_anew(record.row_id, gathered.dv, evidence.integration_users):
+        # The agreed record's Dataverse row was deleted and the key created again by a person (a new row id)
+        # before the sync saw the delete: the agreed values belong to the old row. The new one meets F&O's
+        # record as after a tombstone: field by field, the later writer wins.
+        agreed = Agreed(values=agreed.values, exists=False)
+    return agreed
 
 
-def _another_dataverse_row(agreed_row_id: str | None, dv: SideRecord) -> bool:
-    """Whether Dataverse holds another row for the key than the one the sync agreed on (both ids known)."""
-    return bool(agreed_row_id and dv.exists and dv.row_id and dv.row_id.lower() != agreed_row_id.lower())
+def _made_anew(agreed_row_id: str | None, dv: SideRecord, integration_users: frozenset[str]) -> bool:
+    """Whether Dataverse holds another row for the key than the one the sync agreed on (both ids known),
+    not created by the sync itself."""
+    if not (agreed_row_id and dv.exists and dv.row_id and dv.row_id.lower() != agreed_row_id.lower()):
+        return False
+    return (dv.created_by or "").lower() not in integration_users
 
 
 def _outcome(gathered: _Gathered, decision: Decision) -> Outcome:

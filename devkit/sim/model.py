@@ -89,11 +89,18 @@ def field_specs(template: Template) -> list[FieldSpec]:
     return sorted(specs, key=lambda s: not s.is_key)
 
 
+_KEY_SPECS: dict[int, tuple[Template, FieldSpec]] = {}
+
+
 def key_spec(template: Template) -> FieldSpec:
     """The single key field (the three templates have one-part keys)."""
+    known = _KEY_SPECS.get(id(template))
+    if known is not None and known[0] is template:
+        return known[1]
     keys = [s for s in field_specs(template) if s.is_key]
     if len(keys) != 1:
         raise ValueError(f"{template.name}: the chaos model handles one-part keys only")
+    _KEY_SPECS[id(template)] = (template, keys[0])
     return keys[0]
 
 

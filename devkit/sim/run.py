@@ -148,16 +148,16 @@ class Faults:
         self.count = 0
         self.calm = False  # no faults once the load is over: the reconcile pass and the last drain run clean
         self.windows: list[_Window] = []
-        # Storms and outages cover about a tenth of the load's time in all: long enough to exhaust every retry
-        # a client makes, short enough that the run is mostly about interleavings.
+        # Per side, `storms` throttling storms and `outages` outages per 250 s of load: long enough to exhaust
+        # the clients' own retries (about 8 s), so the worker's retry path runs too; about a tenth of the time.
+        scale = span_s / 250.0
         for side in SIDES:
-            for _ in range(config.storms):
+            for _ in range(round(config.storms * scale)):
                 start = rng.uniform(0, span_s)
-                length = rng.uniform(0.01, 0.03) * span_s + 5
-                self.windows.append(_Window(side, "throttled", start, start + length, rng.uniform(1, 20)))
-            for _ in range(config.outages):
+                self.windows.append(_Window(side, "throttled", start, start + rng.uniform(5, 15), rng.uniform(1, 20)))
+            for _ in range(round(config.outages * scale)):
                 start = rng.uniform(0, span_s)
-                self.windows.append(_Window(side, "outage", start, start + rng.uniform(0.01, 0.04) * span_s + 10))
+                self.windows.append(_Window(side, "outage", start, start + rng.uniform(10, 30)))
 
     async def before(self, side: Side, operation: str) -> None:
         await asyncio.sleep(self.rng.uniform(0.005, 0.05))  # the request's round trip
@@ -173,7 +173,7 @@ class Faults:
             raise sim.fault(side, self.rng.choice(("unavailable", "error", "unreachable")))
 
     async def after(self, side: Side, operation: str, committed: bool) -> None:
-        await asyncio.sleep(0)  # the answer on its way back: a point where the caller may die (one timed pause per call)
+        await asyncio.sleep(0)  # the answer on its way back: the caller may die here (one timed pause per call)
         if committed and not self.calm and self.rng.random() < self.config.lost_answer_rate:
             self.count += 1
             raise sim.fault(side, self.rng.choice(("timeout", "gateway-timeout", "dropped")))
@@ -189,6 +189,7 @@ class Journal:
         self.specs: dict[str, list[FieldSpec]] = {name: model_specs(t) for name, t in templates.items()}
         self._dv_templates = {t.dataverse.table: t for t in templates.values()}
         self._fo_templates = {t.fo.entity_set: t for t in templates.values()}
+        self._columns: dict[str, Any] = {}
 
     def watch(self, services: sim.SimServices) -> None:
         dataverse, fno = services.dataverse, services.fno
@@ -233,7 +234,9 @@ class Journal:
 
     def _dataverse_write(self, dataverse: sim.SimDataverse, template: Template, change: DataverseChange) -> Write:
         definition = dataverse.org.defs[template.dataverse.table]
-        columns = select_columns(definition, None)
+        columns = self._columns.get(template.name)
+        if columns is None:
+            columns = self._columns[template.name] = select_columns(definition, None)
         specs = self.specs[template.name]
 
         def terms(row: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -433,12 +436,34 @@ class World:
             await asyncio.wait(running)
 
     async def _person(self, op: PlannedOp) -> None:
+        """One person's operation. People see the record: an edit or delete of a record their side does not
+        show (yet) is made on the other side instead, where it does; a create of a key their side shows is
+        not made."""
         assert self.services is not None  # noqa: S101
         self.played += 1
+        side = op.side
+        if op.kind == "create" and self.exists(side, op.template, op.key):
+            return
+        if op.kind != "create" and not self.exists(side, op.template, op.key):
+            side = "dataverse" if side == "fo" else "fo"
+            if not self.exists(side, op.template, op.key):
+                return
         try:
-            await self.services.person_write(op.side, op.template, op.kind, op.key, op.values)
+            await self.services.person_write(side, op.template, op.kind, op.key, op.values)
         except TargetError:
             return  # refused, or a fault: the history has whatever landed
+
+    def exists(self, side: Side, template: str, key: str) -> bool:
+        """Whether `side` holds the record now (what the person sees on screen)."""
+        assert self.services is not None  # noqa: S101
+        t = self.templates[template]
+        if side == "fo":
+            entity = self.services.fno.catalog.entities[t.fo.entity_set]
+            return self.services.fno.data.get(entity, (key,)) is not None
+        org = self.services.dataverse.org
+        table = org.tables[t.dataverse.table]
+        name = table.key_name_for([key_spec(t).dataverse])
+        return name is not None and table.find(name, (key,)) is not None
 
     async def settle(self) -> bool:
         """Wait until nothing is on its way or queued; False when that takes over DRAIN_LIMIT_S."""
@@ -513,7 +538,7 @@ def _judge(world: World, problems: list[str]) -> Result:
     problems.extend(f"C6 a webhook was refused: {refusal}" for refusal in world.network.refused)
     return Result(
         seed=world.config.seed,
-        operations=world.played,
+        operations=sum(1 for w in world.journal.writes if w.actor == "person"),
         crashes=world.crashes,
         faults=world.faults.count,
         findings=problems,

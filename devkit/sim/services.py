@@ -56,7 +56,6 @@ from devkit.sim import values as people
 from devkit.sim.dataverse import DATAVERSE_URL, SimDataverse, SimDataverseClient
 from devkit.sim.faults import FaultKind, Hooks, NoFaults, fault, fault_answer
 from devkit.sim.fno import DEFAULT_COMPANY, FO_EVENT_FORMS, FO_URL, FoEventForm, SimFno, SimFnoClient
-from devkit.sim.model import field_specs as model_specs
 from devkit.sim.model import key_spec
 from devkit.sim.wire import FUNCTION_KEY, FUNCTION_URL, STORED_TIME, Deliver
 from loyaltysync.targets.http import RetryPolicy
@@ -114,7 +113,7 @@ class SimServices:
         a duplicate create, an update or delete of a record that is not there.
         """
         t = self.fno.templates[template] if side == "fo" else self.dataverse.templates[template]
-        specs = model_specs(t)
+        specs = self.fno.specs[template]  # the model's field specs, computed once per service
         spec = key_spec(t)
         changing = {name: value for name, value in values.items() if name != spec.fo}
         if side == "fo":
