@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 VENV_OK := .venv/.installed
 NODE_OK := node_modules/.installed
 
-.PHONY: help demo test lint typecheck unit bench bench-core chaos sandbox dev clean deploy-check
+.PHONY: help demo test lint typecheck unit bench bench-core chaos sim sandbox dev clean deploy-check
 
 help:
 	@echo "make demo        the whole sync, both ways, on the built-in sandbox"
@@ -11,6 +11,7 @@ help:
 	@echo "make bench       all four benchmarks and their summary (about 10 minutes)"
 	@echo "make bench-core  core path benchmark (parse + map + decide)"
 	@echo "make chaos       the chaos run with real process kills: OPS=20000 SEED=<random> by default"
+	@echo "make sim         the deterministic simulation: SEEDS=1-10 OPS=1000 (per seed) by default"
 	@echo "make sandbox     start the F&O and Dataverse emulators"
 	@echo "make deploy-check what publish ships, indexed and imported in a venv from requirements.txt only"
 
@@ -47,6 +48,11 @@ OPS ?= 20000
 SEED ?=
 chaos: $(VENV_OK) $(NODE_OK)
 	$(PY) -m tests.chaos.run --operations $(OPS) $(if $(SEED),--seed $(SEED))
+
+# The deterministic simulation of the whole sync (docs/simulation.md): `make sim SEEDS=1-100 OPS=1000`.
+SEEDS ?= 1-10
+sim: $(VENV_OK)
+	PYTHONHASHSEED=0 $(PY) -m devkit.sim --seeds $(SEEDS) --ops $(if $(filter command line,$(origin OPS)),$(OPS),1000)
 
 sandbox: $(VENV_OK)
 	$(PY) -m loyaltysync sandbox

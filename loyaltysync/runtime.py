@@ -26,6 +26,7 @@ from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePoli
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
 from loyaltysync import timesource
+from loyaltysync.host_limits import function_timeout_seconds, intent_horizon_seconds
 from loyaltysync.lag import LagWindow
 from loyaltysync.settings import CredentialKind, Settings, load_settings
 from loyaltysync.state import ControlStore, DeadLetterStore, StateStore
@@ -259,6 +260,9 @@ def build_runtime(
         LookupCache(dataverse),
         storage.state,
         integration_users=settings.integration_users,
+        writing_elsewhere_s=intent_horizon_seconds(
+            function_timeout_seconds(override=settings.function_timeout_override)
+        ),
     )
     return Runtime(
         settings=settings,

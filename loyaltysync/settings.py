@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         default=5.0, ge=0, le=3600, validation_alias="LAST_SUCCESS_WRITE_SECONDS"
     )
     conflict_grace_seconds: int = Field(default=30, ge=1, le=3600, validation_alias="CONFLICT_GRACE_SECONDS")
+    # host.json's functionTimeout, overridden as the host allows: the engine's horizon for another instance's
+    # intent (loyaltysync/host_limits.py). Set it only to change the host's timeout itself.
+    function_timeout_override: str | None = Field(
+        default=None, validation_alias="AzureFunctionsJobHost__functionTimeout"
+    )
     # Transient failures (docs/retries.md): back-off from RETRY_BASE_SECONDS doubling to RETRY_MAX_SECONDS,
     # parked only once RETRY_BUDGET_SECONDS have passed since the first failure. 604800 s is the queue's limit.
     retry_base_seconds: int = Field(default=5, ge=1, le=604_800, validation_alias="RETRY_BASE_SECONDS")

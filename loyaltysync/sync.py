@@ -54,10 +54,11 @@ from loyaltysync.templates import Side, Template
 log = logging.getLogger("loyaltysync.sync")
 
 MAX_STATE_RACES = 5
-# A step's stored intent (`SyncRecord.intent`) younger than this means another step is writing the record
-# now: wait for it. Older, its step died: the intent is evidence of what may have landed. Longer than a
-# step's writes take, shorter than the queue's retries last (maxDequeueCount x visibilityTimeout).
-WRITING_ELSEWHERE_S = 15.0
+# A step's stored intent (`SyncRecord.intent`) younger than this means another step may still be writing
+# the record: wait for it. Older, its invocation is over: the intent is evidence of what may have landed.
+# The runtime sets it from host.json's functionTimeout (loyaltysync/host_limits.py): the host ends every
+# invocation by then, however long the clients retry. This default is host.json's 10 minutes.
+WRITING_ELSEWHERE_S = 605.0
 BUSY_PAUSE_S = 0.25
 A = TypeVar("A")
 B = TypeVar("B")

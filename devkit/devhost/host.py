@@ -123,7 +123,8 @@ class DevHost:
         threads = environ.get(THREADPOOL_SETTING, "")
         self._executor = ThreadPoolExecutor(max_workers=int(threads) if threads.isdigit() else None)
         self._store = QueueStore(environ)
-        invoker = Invoker(self._store, self.config.queues.message_encoding, self._executor)
+        invoker = Invoker(self._store, self.config.queues.message_encoding, self._executor,
+                          self.config.function_timeout)
         zone = timer_zone(environ)
         # Every schedule and queue is checked before anything starts.
         runners = [TimerRunner(function, invoker, zone) for function in self._running("timerTrigger")]

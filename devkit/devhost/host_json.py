@@ -80,6 +80,7 @@ class HostConfig(BaseModel):
 
     route_prefix: str = "api"
     queues: QueueOptions = QueueOptions()
+    function_timeout: float | None = None  # seconds; None: no limit (-1), as the host reads `functionTimeout`
 
 
 def load_host_json(path: Path, environ: Mapping[str, str] | None = None) -> HostConfig:
@@ -108,7 +109,14 @@ def load_host_json(path: Path, environ: Mapping[str, str] | None = None) -> Host
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"{path}: extensions.queues.{key}", first["msg"].removeprefix("Value error, ")) from exc
-    return HostConfig(route_prefix=prefix.strip("/"), queues=queues)
+    timeout = document.get("functiontimeout")
+    limit: float | None = None
+    if timeout is not None and str(timeout).strip() != "-1":
+        try:
+            limit = parse_timespan(str(timeout))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: functionTimeout", str(exc)) from exc
+    return HostConfig(route_prefix=prefix.strip("/"), queues=queues, function_timeout=limit)
 
 
 def _lower_keys(value: Any) -> Any:

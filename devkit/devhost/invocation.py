@@ -140,10 +140,14 @@ class Outcome:
 class Invoker:
     """Runs invocations and writes queue output bindings. Shared by the HTTP, queue and timer runners."""
 
-    def __init__(self, queues: QueueStore, encoding: MessageEncoding, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, queues: QueueStore, encoding: MessageEncoding, executor: ThreadPoolExecutor,
+        timeout_s: float | None = None,
+    ) -> None:
         self._queues = queues
         self._encoding = encoding
         self._executor = executor
+        self._timeout_s = timeout_s  # host.json functionTimeout: the host ends an invocation running longer
 
     async def invoke(self, function: FunctionSpec, trigger: TriggerData) -> Outcome:
         """Call `function` with the trigger; on success write its queue outputs and return the Outcome.
@@ -180,7 +184,13 @@ class Invoker:
 
     async def _call(self, function: FunctionSpec, kwargs: dict[str, Any]) -> Any:
         if function.is_async:
-            return await function.user_function(**kwargs)
+            # The host ends an invocation at functionTimeout (for Python it recycles the worker process):
+            # nothing the function started may still write afterwards (the engine counts on it).
+            try:
+                return await asyncio.wait_for(function.user_function(**kwargs), self._timeout_s)
+            except TimeoutError as exc:
+                message = f"Timeout value of {self._timeout_s} s exceeded by function {function.name}"
+                raise TimeoutError(message) from exc
         # contextvars travel with the call, as they do in the worker's thread pool.
         context = contextvars.copy_context()
         call = functools.partial(context.run, function.user_function, **kwargs)

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     rate = operations / elapsed if elapsed > 0 else 0.0
     print(f"sim: {len(args.seeds)} seeds, {operations} operations, {crashes} crashes, {faults} faults, "
-          f"violations {violations}, {rate:.0f} ops/s, trace {trace.hexdigest()[:16]}", flush=True)
+          f"violations {violations}, {rate:.0f} ops/s, trace {trace.hexdigest()}", flush=True)
     for result in failed:
         print(f"\nseed {result.seed}: {result.violations} violations", flush=True)
         for line in result.findings[:20]:

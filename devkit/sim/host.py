@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from devkit.devhost.host_json import QueueOptions
-from devkit.sim.loop import CRASH_POINT
+from devkit.sim.loop import CRASH_POINT, PROCESS, VirtualLoop
 from loyaltysync import worker
+from loyaltysync.host_limits import intent_horizon_seconds
 from loyaltysync.runtime import Runtime
 from loyaltysync.settings import Settings
 from loyaltysync.state import (
@@ -167,6 +168,12 @@ class SimQueue:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 _wake(waiter)
+
+
+def _recycle(process: str | None) -> None:
+    loop = asyncio.get_running_loop()
+    if process is not None and isinstance(loop, VirtualLoop):
+        loop.kill(process)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -313,12 +320,14 @@ def build_runtime(
     dataverse: object,
     stores: Stores,
     latency: Latency,
+    function_timeout_s: float,
 ) -> SimRuntime:
     """One instance's runtime: its own engine (locks, instance id), lookup cache and caches; shared storage."""
     fno_client, dv_client = cast(FnoClient, fno), cast(DataverseClient, dataverse)
     state = cast(StateStore, SimStateStore(stores.state, latency))
     engine = Engine(
-        templates, fno_client, dv_client, LookupCache(dv_client), state, integration_users=settings.integration_users
+        templates, fno_client, dv_client, LookupCache(dv_client), state, integration_users=settings.integration_users,
+        writing_elsewhere_s=intent_horizon_seconds(function_timeout_s),
     )
     return SimRuntime(
         settings=settings,
@@ -350,11 +359,13 @@ class FunctionHost:
         options: QueueOptions,
         latency: Latency,
         finished: Finished,
+        function_timeout_s: float,
     ) -> None:
         self.runtime = runtime
         self.options = options
         self.latency = latency
         self.finished = finished
+        self.function_timeout_s = function_timeout_s
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -400,6 +411,9 @@ class FunctionHost:
             timer[0] = loop.call_later(LEASE_S / 2, renew)
 
         timer = [loop.call_later(LEASE_S / 2, renew)]
+        # functionTimeout: the host recycles the worker process of an invocation that runs longer.
+        process = PROCESS.get()
+        deadline = loop.call_later(self.function_timeout_s, _recycle, process)
         outcome: Outcome | None = None
         failure: BaseException | None = None
         try:
@@ -413,6 +427,7 @@ class FunctionHost:
             failure = exc
         finally:
             timer[0].cancel()
+            deadline.cancel()
         self.finished(queue.name, message.body, outcome, failure, loop.time())
         await self.latency()
         try:

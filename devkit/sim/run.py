@@ -25,7 +25,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from devkit.devhost.host_json import QueueOptions, load_host_json
+from devkit.devhost.host_json import HostConfig, load_host_json
 from devkit.sandbox.dataverse.rows import render_row, select_columns
 from devkit.sandbox.dataverse.scope import Change as DataverseChange
 from devkit.sandbox.dataverse.seed import INTEGRATION_USER
@@ -41,6 +41,7 @@ from devkit.sim.people import PlannedOp, plan
 from devkit.sim.values import CURRENCY_CODES
 from loyaltysync import inbound, timesource
 from loyaltysync.errors import TargetError
+from loyaltysync.host_limits import DEFAULT_FUNCTION_TIMEOUT_S
 from loyaltysync.reconcile import reconcile_all
 from loyaltysync.retries import read_message
 from loyaltysync.settings import Settings, load_settings
@@ -98,8 +99,8 @@ def _templates() -> dict[str, Template]:
 
 
 @cache
-def _queue_options() -> QueueOptions:
-    return load_host_json(ROOT / "host.json", {}).queues
+def _host() -> HostConfig:
+    return load_host_json(ROOT / "host.json", {})
 
 
 @cache
@@ -336,7 +337,8 @@ class World:
                      ("people", "faults", "network", "services", "instances", "skew", "form", "latency")}
         self.templates = _templates()
         self.settings = _settings()
-        self.options = _queue_options()
+        self.options = _host().queues
+        self.function_timeout_s = _host().function_timeout or DEFAULT_FUNCTION_TIMEOUT_S
         self.specs = {name: model_specs(t) for name, t in self.templates.items()}
         self.plan = plan(self.rngs["people"], self.specs, config.operations)
         span = self.plan[-1].at if self.plan else 1.0
@@ -392,8 +394,8 @@ class World:
         fno.http = _NoRawRequests("fno")  # type: ignore[assignment]
         dataverse.http = _NoRawRequests("dataverse")  # type: ignore[assignment]
         runtime: SimRuntime = context.run(build_runtime, self.settings, self.templates, fno, dataverse, self.stores,
-                                          self.latency)
-        host = FunctionHost(runtime, self.options, self.latency, self._finished)
+                                          self.latency, self.function_timeout_s)
+        host = FunctionHost(runtime, self.options, self.latency, self._finished, self.function_timeout_s)
         context.run(host.start)
         if crashable:
             self.loop.crashable.add(name)

@@ -86,6 +86,10 @@ async def chaos_stack(*, seed: int, extra_env: dict[str, str] | None = None) -> 
                 # Longer than an event can be held up here (delivery delays, a crashed message's
                 # visibility timeout, the backlog the generator allows), shorter than the default.
                 "CONFLICT_GRACE_SECONDS": "15",
+                # The host ends an invocation after functionTimeout, and another instance's intent counts as
+                # a dead step's only once that long has passed: a short one here, so records a crash left
+                # an intent on are judged within the run (the dev host enforces it as the host does).
+                "AzureFunctionsJobHost__functionTimeout": "00:00:40",
                 **(extra_env or {}),
             }
             os.environ.update(env)

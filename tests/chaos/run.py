@@ -41,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from devkit.sim.model import Model, Verdict, compare, dv_values, fo_values, key_spec
 from loyaltysync import worker
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.mapping import parse_datetime
@@ -51,7 +52,6 @@ from loyaltysync.templates import Side, other_side
 from tests.chaos import faults
 from tests.chaos.generator import CONFLICT_ORDERS, DEFAULT_CONFLICTS, POISON_CURRENCY, Generator
 from tests.chaos.harness import Admin, chaos_stack, settle
-from devkit.sim.model import Model, Verdict, compare, dv_values, fo_values, key_spec
 from tests.chaos.worker_process import DEFAULT_KILL_RATE, SecondInstance, instance_env
 
 REDUCED = 2000

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from loyaltysync.templates import default_mappings_dir, load_templates
 from devkit.sim.model import Model, Op, Verdict, compare, dv_values, field_specs, fo_values
+from loyaltysync.templates import default_mappings_dir, load_templates
 
 TEMPLATES = load_templates(default_mappings_dir())
 CARDS = "loyalty-cards"

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from devkit.sim.model import Model
 from loyaltysync.runtime import get_runtime
 from loyaltysync.templates import default_mappings_dir, function_safe, load_templates
 from tests.chaos import faults
 from tests.chaos.generator import Generator, Record
 from tests.chaos.harness import Admin, chaos_stack, settle
-from devkit.sim.model import Model
 from tests.chaos.worker_process import SecondInstance, instance_env
 
 TEMPLATE = "loyalty-levels"
