@@ -13,7 +13,7 @@ instance) gathers `Evidence` (both sides as read now, the event being processed)
 
 `settle` folds the verdicts into the agreed state the decision starts from. Every rule
 that turns evidence into a verdict is one line in `judge`, `_judge_delete` or `_why_wait`,
-and each fact they read about the event is one helper below (docs/consistency-rules.md
+and each fact they read about the event is one helper below (docs/consistency.md
 lists them all).
 """
 

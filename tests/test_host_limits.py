@@ -1,4 +1,4 @@
-"""The host's invocation lifetime, read from host.json as the host reads it, bounds how long an intent is "in flight"."""
+"""The host's invocation lifetime (host.json functionTimeout) bounds how long an intent is "in flight"."""
 
 from __future__ import annotations
 

@@ -1,26 +1,9 @@
-"""The simulation's judge: docs/consistency.md's guarantees, checked against the simulation's own history.
+"""The simulation's judge: checks docs/consistency.md's guarantees C1-C6, against the simulation's own history.
 
 It reads only what the simulated services recorded (every committed change, by a person or by the
-sync, with the true virtual time it was made), when F&O's events were processed, and the final
-rows. It never reads the engine's sync state. The rules, numbered as in docs/consistency.md:
-
-- C1 both sides equal: after the load stops, the backlog drains and one reconcile pass ran, every
-  record is on both sides or on neither, with equal values in every mapped field.
-- C2 existence: a record exists at the end when a person's create is its last create-or-delete,
-  and is gone when a delete is (an edit racing a delete does not bring it back). One exception: a
-  re-create made before the sync copied the delete of the earlier record (no sync delete on the
-  re-creating side between the two) may be undone by that delete; both sides still agree.
-- C3 values: per mapped field, the value of the latest person's write of it since the record's last
-  create (a create writes every field its side sends). Two writes of one field on different sides
-  less than G seconds apart may resolve either way. An F&O write whose event was not processed
-  within the grace (late, lost, or held by a crashed instance), made before the sync had copied an
-  earlier Dataverse write of that field to F&O, may lose to that Dataverse write.
-- C4 no duplicates: the sync creates a record on one side at most once per person's create of it
-  on the other side.
-- C5 bounded writes: the sync writes a record at most WRITE_FACTOR times per person's write of it,
-  plus WRITE_SLACK (a ping-pong grows without bound).
-- C6 nothing parked but what was poisoned on purpose; no message left in any queue; no exception
-  escaped the code under test; every webhook a service sent was accepted.
+sync, with the true virtual time it was made) and the final rows; never the engine's sync state.
+The rules are written in docs/consistency.md ("What you are guaranteed") and nowhere else; each
+check below names the rule it checks.
 """
 
 from __future__ import annotations
@@ -70,11 +53,10 @@ def _other(side: Side) -> Side:
 
 
 class Judge:
-    """Checks one template's records. `processed`: write seq -> when its F&O event was first applied."""
+    """Checks one template's records."""
 
-    def __init__(self, specs: Mapping[str, list[FieldSpec]], *, grace_s: float, g_s: float = G_SECONDS) -> None:
+    def __init__(self, specs: Mapping[str, list[FieldSpec]], *, g_s: float = G_SECONDS) -> None:
         self.specs = specs
-        self.grace_s = grace_s
         self.g_s = g_s
 
     def record(
@@ -84,7 +66,6 @@ class Judge:
         writes: Iterable[Write],
         fo: Mapping[str, Any] | None,
         dv: Mapping[str, Any] | None,
-        processed: Mapping[int, float],
     ) -> list[Finding]:
         history = sorted(writes, key=lambda w: w.seq)
         found: list[Finding] = []
@@ -111,7 +92,7 @@ class Judge:
         elif present:
             for side, row in (("fo", fo), ("dataverse", dv)):
                 if row is not None:
-                    for problem in self._values(specs, last, history, row, processed):
+                    for problem in self._values(specs, last, history, row):
                         note("C3", f"in {'F&O' if side == 'fo' else 'Dataverse'}: {problem}")
         sides: tuple[Side, Side] = ("fo", "dataverse")
         for side in sides:
@@ -145,7 +126,6 @@ class Judge:
         create: Write,
         history: list[Write],
         row: Mapping[str, Any],
-        processed: Mapping[int, float],
     ) -> list[str]:
         problems = []
         starts = [create, *self._merged_incarnations(create, history)]

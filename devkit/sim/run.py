@@ -43,7 +43,6 @@ from loyaltysync import inbound, timesource
 from loyaltysync.errors import TargetError
 from loyaltysync.host_limits import DEFAULT_FUNCTION_TIMEOUT_S
 from loyaltysync.reconcile import reconcile_all
-from loyaltysync.retries import read_message
 from loyaltysync.settings import Settings, load_settings
 from loyaltysync.state import MemoryControlStore, MemoryDeadLetterStore, MemoryStateStore
 from loyaltysync.sync import Outcome
@@ -288,7 +287,6 @@ class Network:
         self.in_flight = 0
         self.log: list[tuple[int | None, str, float]] = []  # (write, what happened, delay)
         self.refused: list[str] = []
-        self.event_writes: dict[str, int] = {}  # event id -> the write it tells of
         # Deliveries belong to the services, not to the process whose write caused them: a fresh context,
         # so a crash of that process does not drop them. The function that receives them (stateless, it
         # answers without awaiting anything) runs on a machine of its own: its clock stamps `received_at`.
@@ -320,9 +318,6 @@ class Network:
             return
         queue = self.queues[self.settings.queue_name(template)]
         for message in reply.messages:
-            event, _ = read_message(message)
-            if write is not None:
-                self.event_writes.setdefault(event.event_id, write)
             queue.send(message)
 
 
@@ -352,7 +347,6 @@ class World:
         self.stores = Stores(MemoryStateStore(), MemoryDeadLetterStore(), MemoryControlStore(), queues)
         self.network = Network(config, self.rngs["network"], loop, self.journal, self.settings, self.templates, queues)
         self.latency = Latency(self.rngs["latency"])
-        self.processed: dict[str, float] = {}  # event id -> when an invocation first applied it
         self.failures: list[str] = []
         self.instances = 0
         self.crashes = 0
@@ -411,13 +405,6 @@ class World:
             return  # a killed process's invocation, closed at the end of the run
         if failure is not None and not isinstance(failure, TargetError):
             self.failures.append(f"{queue}: {type(failure).__name__}: {failure}")
-        if outcome is None:
-            return
-        try:
-            event, _ = read_message(body)
-        except (ValueError, TypeError):
-            return
-        self.processed.setdefault(event.event_id, at)
 
     async def play(self) -> None:
         assert self.services is not None  # noqa: S101
@@ -521,12 +508,7 @@ def simulate(config: Config) -> Result:
 def _judge(world: World, problems: list[str]) -> Result:
     services = world.services
     assert services is not None  # noqa: S101
-    judge = Judge(world.specs, grace_s=float(world.settings.conflict_grace_seconds))
-    processed: dict[int, float] = {}
-    for event_id, at in world.processed.items():
-        write = world.network.event_writes.get(event_id)
-        if write is not None and (write not in processed or at < processed[write]):
-            processed[write] = at
+    judge = Judge(world.specs)
     findings: list[Finding] = []
     grouped = by_record(world.journal.writes)
     rows: dict[str, tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]] = {}
@@ -534,7 +516,7 @@ def _judge(world: World, problems: list[str]) -> Result:
         fo, dv = services.rows("fo", name), services.rows("dataverse", name)
         rows[name] = (fo, dv)
         for key in sorted(set(fo) | set(dv) | {k for (t, k) in grouped if t == name}):
-            findings.extend(judge.record(name, key, grouped.get((name, key), []), fo.get(key), dv.get(key), processed))
+            findings.extend(judge.record(name, key, grouped.get((name, key), []), fo.get(key), dv.get(key)))
     problems.extend(str(f) for f in findings)
     problems.extend(f"C6 an exception escaped: {failure}" for failure in [*world.failures, *world.loop.failures])
     problems.extend(f"C6 a webhook was refused: {refusal}" for refusal in world.network.refused)

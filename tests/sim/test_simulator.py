@@ -171,7 +171,7 @@ COPIED = _write(1, 2.0, "dataverse", "sync", "create", **_card())
 
 
 def _judge(history: list[Write], fo: dict[str, Any] | None, dv: dict[str, Any] | None) -> list[str]:
-    return [f.rule for f in Judge(SPECS, grace_s=30).record(CARDS, "C1", history, fo, dv, {})]
+    return [f.rule for f in Judge(SPECS).record(CARDS, "C1", history, fo, dv)]
 
 
 def test_the_later_of_two_edits_far_apart_must_win() -> None:
