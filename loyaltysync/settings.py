@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     function_timeout_override: str | None = Field(
         default=None, validation_alias="AzureFunctionsJobHost__functionTimeout"
     )
+    # The queue extension's message lease (10 minutes in Azure, not configurable there): a message held by an
+    # instance that died comes back only after it, so a wait for an event that may be held so waits this long.
+    queue_lease_seconds: int = Field(default=600, ge=1, le=3600, validation_alias="QUEUE_LEASE_SECONDS")
     # Transient failures (docs/retries.md): back-off from RETRY_BASE_SECONDS doubling to RETRY_MAX_SECONDS,
     # parked only once RETRY_BUDGET_SECONDS have passed since the first failure. 604800 s is the queue's limit.
     retry_base_seconds: int = Field(default=5, ge=1, le=604_800, validation_alias="RETRY_BASE_SECONDS")

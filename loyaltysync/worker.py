@@ -51,9 +51,6 @@ log = logging.getLogger("loyaltysync.worker")
 
 DEFAULT_MAX_DEQUEUE = 5
 MAX_RECHECK_DELAY_S = 600
-# The queue extension leases a message it hands to an instance for 10 minutes (renewed while the function
-# runs): a message held by an instance that dies comes back only when that lease runs out.
-QUEUE_LEASE_S = 600
 
 Observer = Callable[[ChangeEvent, "Outcome | None", "str | None"], None]
 OBSERVERS: list[Observer] = []
@@ -262,7 +259,7 @@ async def _recheck_later(runtime: Runtime, event: ChangeEvent, body: str, outcom
     deferred = [c for c in outcome.conflicts if c["winner"] is None]
     whole_record = outcome.waiting is not None
     if whole_record and not deferred:
-        delay = runtime.settings.conflict_grace_seconds + QUEUE_LEASE_S
+        delay = runtime.settings.conflict_grace_seconds + runtime.settings.queue_lease_seconds
     else:
         lag = _age_seconds(event.modified_on or event.received_at)
         delay = min(MAX_RECHECK_DELAY_S, max(runtime.settings.conflict_grace_seconds, math.ceil(2 * lag)))

@@ -89,7 +89,10 @@ async def chaos_stack(*, seed: int, extra_env: dict[str, str] | None = None) -> 
                 # The host ends an invocation after functionTimeout, and another instance's intent counts as
                 # a dead step's only once that long has passed: a short one here, so records a crash left
                 # an intent on are judged within the run (the dev host enforces it as the host does).
-                "AzureFunctionsJobHost__functionTimeout": "00:00:40",
+                "AzureFunctionsJobHost__functionTimeout": "00:00:20",
+                # The second instance's queue lease (tests/chaos/worker_process.py), so the engine's waits for an
+                # event a killed instance may hold last as long as that lease, not Azure's 10 minutes.
+                "QUEUE_LEASE_SECONDS": "8",
                 **(extra_env or {}),
             }
             os.environ.update(env)
