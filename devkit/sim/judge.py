@@ -84,10 +84,11 @@ class Judge:
         structural = [w for w in people if w.kind != "update"]
         last = structural[-1] if structural else None
         present = fo is not None or dv is not None
+        close = last is not None and self._close_call(last, structural)
         if last is None or last.kind == "delete":
-            if present:
+            if present and not close:
                 note("C2", f"present, but its last create-or-delete was a delete ({_describe(last)})")
-        elif not present and not self._racing_recreate(last, history):
+        elif not present and not close and not self._racing_recreate(last, history):
             note("C2", f"gone, but a person created it last ({_describe(last)})")
         elif present:
             for side, row in (("fo", fo), ("dataverse", dv)):
@@ -104,6 +105,13 @@ class Judge:
         if synced > WRITE_FACTOR * len(people) + WRITE_SLACK:
             note("C5", f"{synced} sync writes for {len(people)} person's writes")
         return found
+
+    def _close_call(self, last: Write, structural: list[Write]) -> bool:
+        """C2: a create and a delete of the record on different sides less than G apart resolve either way."""
+        return any(
+            w.side != last.side and w.kind != last.kind and abs(last.at - w.at) < self.g_s
+            for w in structural
+        )
 
     def _racing_recreate(self, create: Write, history: list[Write]) -> bool:
         """A re-create made before the sync deleted the record on its side after a delete on the other side."""

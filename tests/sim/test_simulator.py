@@ -209,6 +209,10 @@ def test_a_deleted_record_must_stay_deleted_and_a_recreated_one_must_exist() -> 
     assert _judge(deleted, _card(), _card()) == ["C2"]
     recreated = [*deleted, _write(4, 50.0, "dataverse", "person", "create", **_card(PartyNumber="P2"))]
     assert _judge(recreated, None, None) == ["C2"]
+    # A create and a delete on different sides less than G apart: either outcome, both sides equal.
+    close = [*recreated, _write(5, 50.0 + G_SECONDS / 2, "fo", "person", "delete")]
+    assert _judge(close, None, None) == []
+    assert _judge(close, _card(PartyNumber="P2"), _card(PartyNumber="P2")) == []
 
 
 def test_a_record_created_twice_by_the_sync_is_a_duplicate() -> None:
