@@ -54,12 +54,15 @@ class Intent:
     """What one step is about to write, per side, stored in the sync state before its writes.
 
     `at`: when it was stored (the step's clock, ISO UTC); `by`: the engine instance of the step.
-    Both None only in an intent stored by a version that did not record them.
+    Both None only in an intent stored by a version that did not record them. `ended`: the step
+    failed after storing it and stopped writing (its writes may still have landed): another instance
+    judges it at once instead of waiting for the step.
     """
 
     sides: dict[Side, SideIntent]
     at: str | None = None
     by: str | None = None
+    ended: bool = False
 
     @classmethod
     def of(cls, decision: Decision, read: Mapping[Side, SideRecord], at: str, by: str) -> Intent:
@@ -81,7 +84,10 @@ class Intent:
             side: {"kind": s.kind, "values": dict(s.values), "version": s.version, "row_id": s.row_id}
             for side, s in self.sides.items()
         }
-        return {"at": self.at, "by": self.by, "sides": sides}
+        stored: dict[str, Any] = {"at": self.at, "by": self.by, "sides": sides}
+        if self.ended:
+            stored["ended"] = True
+        return stored
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Intent | None:
@@ -100,7 +106,7 @@ class Intent:
                     raise ValueError(f"stored intent of {side}: unknown kind {kind!r}")
                 sides[side] = SideIntent(kind, dict(stored.get("values") or {}), stored.get("version"),
                                          stored.get("row_id"))
-        return cls(sides, data.get("at"), data.get("by"))
+        return cls(sides, data.get("at"), data.get("by"), bool(data.get("ended", False)))
 
 
 def _from_legacy(data: Mapping[str, Any]) -> Intent | None:

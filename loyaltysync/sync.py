@@ -278,8 +278,27 @@ class Engine:
         record = gathered.record
         if decision.acts:
             record = await self._intend(gathered, agreed, decision)
-        row_id = await self._apply(gathered.template, gathered.key, decision, gathered.fo, gathered.dv)
+        sent: set[Side] = set()
+        try:
+            row_id = await self._apply(gathered.template, gathered.key, decision, gathered.fo, gathered.dv, sent)
+        except Exception:
+            if decision.acts and record is not None:
+                await self._ended(record, sent)
+            raise
         return record, row_id
+
+    async def _ended(self, record: SyncRecord, sent: set[Side]) -> None:
+        """This step failed and writes no more: its intent keeps only the sides it sent a request to (those may
+        have landed: evidence), marked ended so another instance need not wait for it; with none sent, the
+        intent goes. Best effort: the state may have moved on."""
+        if record.intent is None:
+            return
+        sides = {side: wanted for side, wanted in record.intent.sides.items() if side in sent}
+        intent = replace(record.intent, sides=sides, ended=True) if sides else None
+        try:
+            await self.state.put(replace(record, intent=intent))
+        except Exception:  # the intent then counts as in flight until functionTimeout, as before
+            log.info("could not mark the intent on %s %s ended", record.template, record.key)
 
     # ------------------------------------------------------------ reading
 
@@ -368,10 +387,14 @@ class Engine:
         return await self.state.put(replace(base, intent=intent))
 
     async def _apply(
-        self, template: Template, key: dict[str, str], decision: Decision, fo: SideRecord, dv: SideRecord
+        self, template: Template, key: dict[str, str], decision: Decision, fo: SideRecord, dv: SideRecord,
+        sent: set[Side],
     ) -> str | None:
+        """Delete, then write, as decided; `sent` collects the sides a request went to (it may have landed)."""
         row_id = dv.row_id
         try:
+            if decision.delete is not None:
+                sent.add(decision.delete)
             if decision.delete == "fo":
                 await self.fno.delete(
                     template.fo.entity_set, mapping.fo_key(template, key), cross_company=template.fo.company_specific
@@ -386,9 +409,9 @@ class Engine:
             for side, values in decision.writes.items():
                 create = decision.create == side
                 if side == "fo":
-                    await self.write_fo(template, key, values, create=create)
+                    await self.write_fo(template, key, values, create=create, sent=sent)
                 else:
-                    row_id = await self.write_dataverse(template, key, values, create=create) or row_id
+                    row_id = await self.write_dataverse(template, key, values, create=create, sent=sent) or row_id
         except TargetError as exc:
             # Update-only found no row (deleted meanwhile) or create-only found one (created
             # meanwhile): the record changed under us, so decide again from fresh reads.
@@ -398,11 +421,15 @@ class Engine:
         return row_id
 
     async def write_fo(
-        self, template: Template, key: Mapping[str, str], values: Mapping[str, Any], *, create: bool
+        self, template: Template, key: Mapping[str, str], values: Mapping[str, Any], *, create: bool,
+        sent: set[Side] | None = None,
     ) -> None:
-        """Write canonical values to F&O by natural key: create-only or update-only."""
+        """Write canonical values to F&O by natural key: create-only or update-only (`sent` gets "fo" once the
+        request is about to go)."""
         body = mapping.canonical_to_fo(template, values, create=create)
         fo_key = mapping.fo_key(template, key)
+        if sent is not None:
+            sent.add("fo")
         if create:
             if not await self.fno.create_new(template.fo.entity_set, fo_key, body):
                 # Created meanwhile (by a person, or by this POST before a timeout): decide again.
@@ -411,9 +438,11 @@ class Engine:
             await self.fno.update(template.fo.entity_set, fo_key, body)
 
     async def write_dataverse(
-        self, template: Template, key: Mapping[str, str], values: Mapping[str, Any], *, create: bool
+        self, template: Template, key: Mapping[str, str], values: Mapping[str, Any], *, create: bool,
+        sent: set[Side] | None = None,
     ) -> str | None:
-        """Write canonical values to Dataverse by alternate key: create-only or update-only."""
+        """Write canonical values to Dataverse by alternate key: create-only or update-only (`sent` gets
+        "dataverse" once the request is about to go)."""
         for f in template.fields_to("dataverse"):
             if f.lookup is not None and values.get(f.key):
                 await self.lookups.prepare(f.lookup, keys=[str(values[f.key])])
@@ -421,6 +450,8 @@ class Engine:
         dv_key = mapping.dataverse_key(template, key)
         if create:
             body.update(dv_key)
+        if sent is not None:
+            sent.add("dataverse")
         return await self.dataverse.upsert(
             template.dataverse.entity_set,
             dv_key,
@@ -716,7 +747,7 @@ def _writing_elsewhere(record: SyncRecord, within_s: float, instance: str) -> fl
     per-key lock), so an own intent seen by a step is from one that failed or died.
     """
     intent = record.intent
-    if intent is None or intent.by == instance:
+    if intent is None or intent.by == instance or intent.ended:
         return 0.0
     try:
         at = mapping.parse_datetime(intent.at) if intent.at else None

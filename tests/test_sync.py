@@ -10,7 +10,7 @@ import pytest
 
 from devkit.sandbox import dataverse as dataverse_emulator
 from devkit.sandbox import fno as fno_emulator
-from loyaltysync.errors import MappingError
+from loyaltysync.errors import MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.state import MemoryStateStore
 from loyaltysync.sync import Engine
@@ -181,6 +181,30 @@ async def test_an_unknown_currency_is_a_mapping_error_naming_field_and_value(wor
     with pytest.raises(MappingError) as caught:
         await world.engine.process(points)
     assert caught.value.field == "RewardPointCurrency" and caught.value.value == "XAU"
+    # Nothing was sent: the step's intent is gone, so a replay on any instance is not kept waiting for it.
+    stored = await world.state.get("loyalty-reward-points", "GOLDBAR")
+    assert stored is None or stored.intent is None
+
+
+async def test_a_step_failing_after_its_request_leaves_an_ended_intent_another_instance_judges_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await world.fo.create("RetailLoyaltyCards", card("E-1"))
+
+    async def refused(*args: Any, **kwargs: Any) -> str:
+        raise TargetError("dataverse", 500, "0x80040216", "An unexpected error occurred.")
+
+    monkeypatch.setattr(world.dv, "upsert", refused)
+    with pytest.raises(TargetError):
+        await world.engine.process(event("fo", "E-1", operation="create", wire_format="fo-data-event"))
+    stored = await world.state.get("loyalty-cards", "E-1")
+    assert stored is not None and stored.intent is not None and stored.intent.ended
+    assert set(stored.intent.sides) == {"dataverse"}  # the side a request went to: it may have landed
+    monkeypatch.undo()
+    other = Engine(TEMPLATES, world.fo, world.dv, LookupCache(world.dv), world.state,
+                   integration_users=frozenset({OURS}))  # another instance, the default 10-minute horizon
+    outcome = await other.process(event("fo", "E-1", operation="create", wire_format="fo-data-event"))
+    assert outcome.reason == "conflict-deferred" and outcome.waiting is not None  # judged now: waits for evidence
 
 
 async def test_concurrent_events_for_one_record_write_once(world: World) -> None:
