@@ -41,7 +41,7 @@ from loyaltysync.decide import (
     is_stale,
     latest,
 )
-from loyaltysync.errors import ConcurrencyError, MappingError, TargetError
+from loyaltysync.errors import ConcurrencyError, LoyaltySyncError, MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.intent import EventFacts, Evidence, Intent, Wait, settle
 from loyaltysync.retries import Deferral
@@ -281,7 +281,9 @@ class Engine:
         sent: set[Side] = set()
         try:
             row_id = await self._apply(gathered.template, gathered.key, decision, gathered.fo, gathered.dv, sent)
-        except Exception:
+        except LoyaltySyncError:
+            # A failure the step understands (a refusal, a transient error, a mapping error): it writes no more.
+            # Anything else is left as a crash is: the intent counts as in flight until functionTimeout.
             if decision.acts and record is not None:
                 await self._ended(record, sent)
             raise
