@@ -617,13 +617,15 @@ def _times_seen(gathered: _Gathered, record: SyncRecord | None) -> tuple[dict[st
 def _payload_trusted(facts: EventFacts, ours: bool, record: SyncRecord | None) -> bool:
     """Whether the event's payload stands for its side's record now (otherwise the side is read).
 
-    Not for our own writes or deletes; not for a tombstone (a payload can predate a delete already
+    Not for our own writes, creates or deletes; not for a tombstone (a payload can predate a delete already
     applied: webhooks come late and out of order, and not every event carries a version to make them
     stale); not while the sync's own Dataverse write is newer than its last read there.
     """
     tombstone = record is not None and record.deleted
+    # Not for a create either: a record created and deleted again before the sync saw either would come
+    # back from the create's payload (the simulator found it); the read costs one request per new record.
     return (
-        facts.payload is not None and not ours and facts.operation != "delete" and not tombstone
+        facts.payload is not None and not ours and facts.operation == "update" and not tombstone
         and not _written_since_read(record, facts.side)
     )
 
