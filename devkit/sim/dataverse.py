@@ -117,6 +117,7 @@ class SimDataverse:
         self.specs = {name: model_specs(t) for name, t in self.templates.items()}
         self._by_table = {t.dataverse.table: t for t in self.templates.values()}
         self._creates: dict[str, Counter[str]] = {name: Counter() for name in self.templates}
+        self._columns: dict[str, Any] = {}
 
     async def register_webhooks(self) -> None:
         """Register the webhooks as `loyaltysync register-webhooks` does (its plan, applied here)."""
@@ -149,15 +150,21 @@ class SimDataverse:
     def rows(self, template: str) -> dict[str, dict[str, Any]]:
         """The template's rows, key -> values in F&O terms (lookups as ISO codes, choices as member names)."""
         t = self.templates[template]
-        definition = self.org.defs[t.dataverse.table]
-        columns = select_columns(definition, None)
-        specs = self.specs[template]
         key = key_spec(t).fo
         out: dict[str, dict[str, Any]] = {}
-        for row in self.org.tables[definition.logical_name].scan():
-            values = dv_values(specs, render_row(self.org, definition, row, columns), people.CURRENCY_CODES)
+        for row in self.org.tables[t.dataverse.table].scan():
+            values = self.terms(template, row)
             out[str(values[key])] = values
         return out
+
+    def terms(self, template: str, row: Mapping[str, Any]) -> dict[str, Any]:
+        """One stored row of the template's table in F&O terms, as the Web API would render it."""
+        definition = self.org.defs[self.templates[template].dataverse.table]
+        columns = self._columns.get(template)
+        if columns is None:
+            columns = self._columns[template] = select_columns(definition, None)
+        return dv_values(self.specs[template], render_row(self.org, definition, dict(row), columns),
+                         people.CURRENCY_CODES)
 
     def creates(self, template: str) -> Counter[str]:
         """Committed creates per key, by anyone."""

@@ -141,13 +141,17 @@ class SimFno:
         t = self.templates[template]
         entity = self.catalog.entities[t.fo.entity_set]
         columns = self.data.columns(entity)
-        specs = self.specs[template]
         key = key_spec(t).fo
         out: dict[str, dict[str, Any]] = {}
         for stored in self.data.tuples(entity, None):
-            values = fo_values(specs, fno_render_row(entity, dict(zip(columns, stored, strict=True))))
+            values = self.terms(template, dict(zip(columns, stored, strict=True)))
             out[str(values[key])] = values
         return out
+
+    def terms(self, template: str, row: Mapping[str, Any]) -> dict[str, Any]:
+        """One stored row of the template's entity in F&O terms, as OData would render it."""
+        entity = self.catalog.entities[self.templates[template].fo.entity_set]
+        return fo_values(self.specs[template], fno_render_row(entity, dict(row)))
 
     def creates(self, template: str) -> Counter[str]:
         """Committed creates per key, by anyone."""

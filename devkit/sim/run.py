@@ -26,19 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from devkit.devhost.host_json import HostConfig, load_host_json
-from devkit.sandbox.dataverse.rows import render_row, select_columns
 from devkit.sandbox.dataverse.scope import Change as DataverseChange
 from devkit.sandbox.dataverse.seed import INTEGRATION_USER
 from devkit.sandbox.fno import events as fno_events
-from devkit.sandbox.fno.handlers import render_row as fno_render_row
 from devkit.sim import services as sim
 from devkit.sim.host import POISON_SUFFIX, FunctionHost, Latency, SimQueue, SimRuntime, Stores, build_runtime
 from devkit.sim.judge import Finding, Judge, Kind, Write, by_record
 from devkit.sim.loop import PROCESS, VirtualLoop
-from devkit.sim.model import FieldSpec, dv_values, fo_values, key_spec
+from devkit.sim.model import FieldSpec, key_spec
 from devkit.sim.model import field_specs as model_specs
 from devkit.sim.people import PlannedOp, plan
-from devkit.sim.values import CURRENCY_CODES
 from loyaltysync import inbound, timesource
 from loyaltysync.errors import TargetError
 from loyaltysync.host_limits import DEFAULT_FUNCTION_TIMEOUT_S
@@ -189,7 +186,6 @@ class Journal:
         self.specs: dict[str, list[FieldSpec]] = {name: model_specs(t) for name, t in templates.items()}
         self._dv_templates = {t.dataverse.table: t for t in templates.values()}
         self._fo_templates = {t.fo.entity_set: t for t in templates.values()}
-        self._columns: dict[str, Any] = {}
 
     def watch(self, services: sim.SimServices) -> None:
         dataverse, fno = services.dataverse, services.fno
@@ -207,7 +203,7 @@ class Journal:
             if template is None:
                 publish(change)
                 return
-            self._sending(self._fo_write(template, change), lambda: publish(change))
+            self._sending(self._fo_write(fno, template, change), lambda: publish(change))
 
         dataverse.committed = dataverse_committed  # type: ignore[method-assign]
         fno.publisher.publish = fo_published  # type: ignore[method-assign]
@@ -233,25 +229,15 @@ class Journal:
                      kind, values)
 
     def _dataverse_write(self, dataverse: sim.SimDataverse, template: Template, change: DataverseChange) -> Write:
-        definition = dataverse.org.defs[template.dataverse.table]
-        columns = self._columns.get(template.name)
-        if columns is None:
-            columns = self._columns[template.name] = select_columns(definition, None)
-        specs = self.specs[template.name]
-
         def terms(row: dict[str, Any] | None) -> dict[str, Any] | None:
-            if row is None:
-                return None
-            return dv_values(specs, render_row(dataverse.org, definition, row, columns), CURRENCY_CODES)
+            return None if row is None else dataverse.terms(template.name, row)
 
         kind: Kind = {"Create": "create", "Update": "update", "Delete": "delete"}[change.message]  # type: ignore[assignment]
         return self._write("dataverse", template, kind, terms(change.before), terms(change.after))
 
-    def _fo_write(self, template: Template, change: fno_events.Change) -> Write:
-        specs = self.specs[template.name]
-
+    def _fo_write(self, fno: sim.SimFno, template: Template, change: fno_events.Change) -> Write:
         def terms(row: dict[str, Any] | None) -> dict[str, Any] | None:
-            return None if row is None else fo_values(specs, fno_render_row(change.entity, row))
+            return None if row is None else fno.terms(template.name, row)
 
         kind: Kind = {"Created": "create", "Updated": "update", "Deleted": "delete"}[change.change_type]  # type: ignore[assignment]
         after = None if kind == "delete" else terms(change.row)
