@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+
+from loyaltysync import timesource
 
 # Without functionTimeout in host.json: the longest default of the plans (Premium and Dedicated, 30 min).
 DEFAULT_FUNCTION_TIMEOUT_S = 1800.0
 # Clocks of two instances agree to a second or two: an intent's age is measured on another machine's clock.
 CLOCK_MARGIN_S = 5.0
+# What an invocation keeps back from functionTimeout to hand an unfinished change back to its queue.
+HAND_BACK_MIN_S, HAND_BACK_MAX_S, HAND_BACK_SHARE = 5.0, 60.0, 0.2
+_DEADLINE: ContextVar[float | None] = ContextVar("loyaltysync_invocation_deadline", default=None)
 _TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
 
 
@@ -50,3 +58,31 @@ def function_timeout_seconds(host_json: Path = Path("host.json"), override: str 
 def intent_horizon_seconds(function_timeout_s: float) -> float:
     """How old another instance's intent must be before it is judged as a dead step's."""
     return function_timeout_s + CLOCK_MARGIN_S
+
+
+def step_budget_seconds(function_timeout_s: float) -> float:
+    """How long one invocation may spend on its change before it stops retrying and hands it back.
+
+    The host ends an invocation at functionTimeout by recycling the worker process, which ends every
+    other invocation running in it too, mid-step. So a step's clients never start a wait or a request
+    that would run past this budget: a fifth of the timeout (5 s to 60 s) is kept for putting the
+    change back on its queue with its back-off (docs/retries.md).
+    """
+    margin = min(HAND_BACK_MAX_S, max(HAND_BACK_MIN_S, function_timeout_s * HAND_BACK_SHARE))
+    return max(1.0, function_timeout_s - margin)
+
+
+@contextmanager
+def invocation_deadline(budget_s: float) -> Iterator[None]:
+    """Within the block, `seconds_left` counts down from `budget_s` (on the engine's clock)."""
+    token = _DEADLINE.set(timesource.monotonic() + budget_s)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def seconds_left() -> float | None:
+    """Seconds left of the current invocation's budget; None outside an invocation (no limit)."""
+    deadline = _DEADLINE.get()
+    return None if deadline is None else deadline - timesource.monotonic()

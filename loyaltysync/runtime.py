@@ -26,7 +26,7 @@ from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePoli
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
 from loyaltysync import timesource
-from loyaltysync.host_limits import function_timeout_seconds, intent_horizon_seconds
+from loyaltysync.host_limits import function_timeout_seconds, intent_horizon_seconds, step_budget_seconds
 from loyaltysync.lag import LagWindow
 from loyaltysync.settings import CredentialKind, Settings, load_settings
 from loyaltysync.state import ControlStore, DeadLetterStore, StateStore
@@ -133,6 +133,8 @@ class Runtime:
     _pause_cache: dict[str, tuple[bool, float]] = field(default_factory=dict)
     _successes: LatestDocuments | None = None
     lag: LagWindow = field(default_factory=LagWindow)  # how far behind each template's queue runs (lag.py)
+    # How long one change's invocation may run before handing the change back (host_limits.step_budget_seconds).
+    step_budget_s: float | None = None
 
     @property
     def successes(self) -> LatestDocuments:
@@ -253,6 +255,7 @@ def build_runtime(
         timeout=settings.http_timeout_seconds,
     )
     storage, queues, storage_credentials = _storage_clients(settings)
+    function_timeout_s = function_timeout_seconds(override=settings.function_timeout_override)
     engine = Engine(
         templates,
         fno,
@@ -260,9 +263,7 @@ def build_runtime(
         LookupCache(dataverse),
         storage.state,
         integration_users=settings.integration_users,
-        writing_elsewhere_s=intent_horizon_seconds(
-            function_timeout_seconds(override=settings.function_timeout_override)
-        ),
+        writing_elsewhere_s=intent_horizon_seconds(function_timeout_s),
     )
     return Runtime(
         settings=settings,
@@ -276,6 +277,7 @@ def build_runtime(
         queues=queues,
         _storage=storage,
         _credentials=[fno_credential, dv_credential, *storage_credentials],
+        step_budget_s=step_budget_seconds(function_timeout_s),
     )
 
 

@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 
-from loyaltysync import telemetry, timesource
+from loyaltysync import host_limits, telemetry, timesource
 from loyaltysync.errors import MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.mapping import parse_datetime
@@ -91,6 +91,20 @@ async def handle_change(
     failure put the change back on the queue; raises only when it could not be put back. `last_try`
     (the poison queue's) parks a transient failure instead, and raises.
     """
+    if runtime.step_budget_s is None:
+        return await _handle_change(runtime, body, dequeue_count, max_dequeue, host_traceparent, last_try)
+    with host_limits.invocation_deadline(runtime.step_budget_s):
+        return await _handle_change(runtime, body, dequeue_count, max_dequeue, host_traceparent, last_try)
+
+
+async def _handle_change(
+    runtime: Runtime,
+    body: str,
+    dequeue_count: int,
+    max_dequeue: int,
+    host_traceparent: str | None,
+    last_try: bool,
+) -> Outcome | None:
     try:
         envelope = read_envelope(body)
     except (ValueError, TypeError) as exc:

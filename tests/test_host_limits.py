@@ -12,6 +12,7 @@ from loyaltysync.host_limits import (
     function_timeout_seconds,
     intent_horizon_seconds,
     parse_timespan,
+    step_budget_seconds,
 )
 from loyaltysync.runtime import build_runtime
 from loyaltysync.settings import load_settings
@@ -57,3 +58,10 @@ def test_timespans() -> None:
     assert parse_timespan("1.02:03:04.5") == 86400 + 2 * 3600 + 3 * 60 + 4.5
     with pytest.raises(ValueError, match="TimeSpan"):
         parse_timespan("600")
+
+
+@pytest.mark.parametrize(("timeout", "budget"), [(20, 15), (100, 80), (300, 240), (600, 540), (1800, 1740), (3, 1)])
+def test_an_invocation_keeps_a_fifth_of_its_time_between_5_s_and_a_minute_to_hand_its_change_back(
+    timeout: float, budget: float
+) -> None:
+    assert step_budget_seconds(timeout) == budget

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from loyaltysync import host_limits, timesource
 from loyaltysync.errors import TargetError
 from loyaltysync.targets.auth import BearerToken, StaticTokenCredential, build_credential
 from loyaltysync.targets.dataverse import DataverseClient
@@ -455,3 +456,91 @@ def test_redact_patterns() -> None:
     assert redact("POST /api/hook?code=abc&x=1") == "POST /api/hook?code=***&x=1"
     assert redact('{"authvalue": "s3cr3t", "name": "hook"}') == '{"authvalue": "***", "name": "hook"}'
     assert redact("errorcode=5 status_code=200") == "errorcode=5 status_code=200"
+
+
+# The invocation's budget (host_limits.invocation_deadline) --------------------------------------------
+
+
+class SteppedClock:
+    """A time source whose monotonic clock moves only when the injected sleep is called."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def utc(self) -> datetime:
+        return datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=self.now)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def new_id(self) -> str:
+        return "0" * 32
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def test_no_wait_is_started_that_would_outlast_the_invocations_budget() -> None:
+    app, seen = scripted(*[dv_error(429, "0x80072322", THROTTLED, {"Retry-After": "4"})] * 3, OK)
+    clock = SteppedClock()
+    token = timesource.use(clock)
+    try:
+        with host_limits.invocation_deadline(10.0):
+            with pytest.raises(TargetError) as caught:
+                await pipeline(app, sleep=clock.sleep).request("GET", "rows")
+    finally:
+        timesource.restore(token)
+    # Waits of 4 s and 4 s fit the 10 s; a third would end at 12 s: the error goes to the worker instead.
+    assert len(seen) == 3
+    assert clock.now == 1008.0
+    assert (caught.value.status, caught.value.retry_after) == (429, 4.0)
+    assert caught.value.transient
+
+
+async def test_outside_an_invocation_the_same_waits_are_made() -> None:
+    app, seen = scripted(*[dv_error(429, "0x80072322", THROTTLED, {"Retry-After": "4"})] * 3, OK)
+    clock = SteppedClock()
+    token = timesource.use(clock)
+    try:
+        response = await pipeline(app, sleep=clock.sleep).request("GET", "rows")
+    finally:
+        timesource.restore(token)
+    assert response.status_code == 200
+    assert len(seen) == 4
+
+
+async def test_a_spent_budget_sends_nothing() -> None:
+    app, seen = scripted(OK)
+    clock = SteppedClock()
+    token = timesource.use(clock)
+    try:
+        with host_limits.invocation_deadline(5.0):
+            clock.now += 5.0
+            with pytest.raises(TargetError) as caught:
+                await pipeline(app).request("POST", "rows", json={"a": 1})
+    finally:
+        timesource.restore(token)
+    assert seen == []
+    assert caught.value.code == "InvocationBudgetSpent"
+    assert caught.value.transient
+
+
+async def test_a_request_is_cut_off_where_the_budget_ends() -> None:
+    seen = 0
+
+    async def slow(request: Request) -> Response:
+        nonlocal seen
+        seen += 1
+        await asyncio.sleep(2)
+        return OK
+
+    async with loopback_server(app_of(slow)) as base:
+        http = TargetHttp("fno", base, BearerToken(StaticTokenCredential(TOKEN), "s"), timeout=30, sleep=Sleeps(),
+                          retry=RetryPolicy(max_attempts=3))
+        with host_limits.invocation_deadline(0.3):
+            with pytest.raises(TargetError) as caught:
+                await http.request("GET", "Rows")
+        await http.aclose()
+    # One attempt cut off at the budget's end (not at the client's 30 s), then nothing more is sent.
+    assert seen == 1
+    assert caught.value.code == "ReadTimeout"

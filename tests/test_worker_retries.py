@@ -21,7 +21,7 @@ import pytest
 from azure.core.exceptions import ServiceRequestError
 from azure.storage.queue import QueueMessage
 
-from loyaltysync import worker
+from loyaltysync import host_limits, worker
 from loyaltysync.errors import MappingError, TargetError
 from loyaltysync.events.model import ChangeEvent
 from loyaltysync.retries import RetryState, read_message, with_retry
@@ -248,3 +248,27 @@ async def test_a_poisoned_retried_change_gets_its_last_try_and_is_parked_as_the_
     message = await _receive_when_visible(runtime)
     replayed, state = read_message(bytes(message.content).decode())
     assert state is None and replayed.event_id == change.event_id and replayed.wire_format == "replay"
+
+
+async def test_the_step_runs_inside_the_invocations_budget_and_hands_the_change_back_when_it_is_spent(
+    make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # functionTimeout 100 s: the host recycles the worker process of an invocation running longer (and every
+    # other invocation in it). The step may use 80 s; the last fifth is for putting the change back.
+    runtime = await make_runtime(AzureFunctionsJobHost__functionTimeout="00:01:40")
+    assert runtime.step_budget_s == 80
+    left: list[float | None] = []
+
+    async def process(event: ChangeEvent, **kwargs: object) -> Outcome:
+        left.append(host_limits.seconds_left())
+        raise TargetError("dataverse", 0, "InvocationBudgetSpent", "not sent: the invocation's time is spent")
+
+    monkeypatch.setattr(runtime.engine, "process", process)
+    sent = _capture(runtime, monkeypatch)
+    assert await worker.handle_change(runtime, _change().to_json()) is None
+    ((left_at_step,),) = [left]
+    assert left_at_step is not None and 79 < left_at_step <= 80
+    assert host_limits.seconds_left() is None  # the budget ends with the invocation
+    ((template, message, _),) = sent
+    _, state = read_message(message)
+    assert template == CARDS and state is not None and "InvocationBudgetSpent" in state.reason

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from loyaltysync import host_limits
 from loyaltysync.errors import TargetError
 from loyaltysync.targets.auth import BearerToken
 from loyaltysync.targets.redaction import install_log_redaction, redact
@@ -166,6 +167,18 @@ def error_from_response(target: str, response: httpx.Response, retry_after: floa
     )
 
 
+def _out_of_time(target: str, method: str, url: str) -> TargetError:
+    """The invocation's budget is spent before this request was sent: transient, and certainly not sent."""
+    return TargetError(
+        target,
+        0,
+        "InvocationBudgetSpent",
+        "not sent: the invocation's time (functionTimeout less the hand-back margin) is spent",
+        method=method,
+        url=redact(url)[:_MAX_URL_IN_ERRORS],
+    )
+
+
 def _transport_error(target: str, method: str, url: str, exc: httpx.TransportError) -> TargetError:
     detail = str(exc) or type(exc).__name__
     return TargetError(
@@ -206,6 +219,7 @@ class TargetHttp:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.token = token
         self.retry = retry or RetryPolicy()
+        self._timeout = timeout
         self.max_concurrency = max_concurrency
         self._origin = httpx.URL(self.base_url).copy_with(path="/", query=None, fragment=None)
         self._sleep = sleep
@@ -271,13 +285,20 @@ class TargetHttp:
         reauthenticated = False
         while True:
             attempt += 1
+            left = host_limits.seconds_left()
+            if left is not None and left <= 0:
+                raise _out_of_time(self.target, method, url)
             send_headers = dict(headers or {})
             send_headers["Authorization"] = await self.token.header()
             started = time.monotonic()
             response: httpx.Response | None = None
             try:
                 async with self._gate:
-                    response = await self._client.request(method, url, headers=send_headers, json=json, content=content)
+                    # Never past the invocation's budget: a request cut off there is a timeout like any other.
+                    timeout = httpx.USE_CLIENT_DEFAULT if left is None else min(self._timeout, left)
+                    response = await self._client.request(
+                        method, url, headers=send_headers, json=json, content=content, timeout=timeout
+                    )
             except httpx.TransportError as exc:
                 error = _transport_error(self.target, method, url, exc)
                 retryable = isinstance(exc, _NOT_SENT) or (idempotent and isinstance(exc, _RETRYABLE_TRANSPORT))
@@ -311,6 +332,10 @@ class TargetHttp:
                 raise error
             delay = retry_after if retry_after is not None else policy.backoff(attempt)
             if waited + delay > policy.max_total_wait:
+                raise error
+            left = host_limits.seconds_left()
+            if left is not None and delay >= left:
+                # The host would end the invocation first: the worker hands the change back to its queue.
                 raise error
             log.warning(
                 "%s %s %s answered %s; retry %d of %d in %.2f s",
