@@ -25,7 +25,8 @@ DEFAULT_FUNCTION_TIMEOUT_S = 1800.0
 CLOCK_MARGIN_S = 5.0
 # What an invocation keeps back from functionTimeout to hand an unfinished change back to its queue.
 HAND_BACK_MIN_S, HAND_BACK_MAX_S, HAND_BACK_SHARE = 5.0, 60.0, 0.2
-_DEADLINE: ContextVar[float | None] = ContextVar("loyaltysync_invocation_deadline", default=None)
+# (end of the step's budget, end of the invocation) on the engine's monotonic clock, inside an invocation.
+_DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("loyaltysync_invocation_deadline", default=None)
 _TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
 
 
@@ -65,17 +66,19 @@ def step_budget_seconds(function_timeout_s: float) -> float:
 
     The host ends an invocation at functionTimeout by recycling the worker process, which ends every
     other invocation running in it too, mid-step. So a step's clients never start a wait or a request
-    that would run past this budget: a fifth of the timeout (5 s to 60 s) is kept for putting the
-    change back on its queue with its back-off (docs/retries.md).
+    that would run past this budget: a fifth of the timeout (5 s to 60 s, at most half) is kept for
+    putting the change back on its queue with its back-off (docs/retries.md).
     """
     margin = min(HAND_BACK_MAX_S, max(HAND_BACK_MIN_S, function_timeout_s * HAND_BACK_SHARE))
-    return max(1.0, function_timeout_s - margin)
+    return max(function_timeout_s / 2, function_timeout_s - margin)
 
 
 @contextmanager
-def invocation_deadline(budget_s: float) -> Iterator[None]:
-    """Within the block, `seconds_left` counts down from `budget_s` (on the engine's clock)."""
-    token = _DEADLINE.set(timesource.monotonic() + budget_s)
+def invocation_deadline(function_timeout_s: float) -> Iterator[None]:
+    """Within the block (one invocation), `seconds_left` counts down the step's budget and
+    `seconds_to_timeout` the invocation's functionTimeout, on the engine's clock."""
+    now = timesource.monotonic()
+    token = _DEADLINE.set((now + step_budget_seconds(function_timeout_s), now + function_timeout_s))
     try:
         yield
     finally:
@@ -83,6 +86,13 @@ def invocation_deadline(budget_s: float) -> Iterator[None]:
 
 
 def seconds_left() -> float | None:
-    """Seconds left of the current invocation's budget; None outside an invocation (no limit)."""
+    """Seconds left of the current invocation's step budget; None outside an invocation (no limit)."""
     deadline = _DEADLINE.get()
-    return None if deadline is None else deadline - timesource.monotonic()
+    return None if deadline is None else deadline[0] - timesource.monotonic()
+
+
+def seconds_to_timeout() -> float | None:
+    """Seconds until the host ends the current invocation; None outside an invocation (no limit).
+    Storage calls may use the hand-back margin (`step_budget_seconds`), the targets may not."""
+    deadline = _DEADLINE.get()
+    return None if deadline is None else deadline[1] - timesource.monotonic()

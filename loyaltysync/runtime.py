@@ -23,10 +23,14 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy
+
+# The async clients' own retry policy; the package exports only the sync one (which an async pipeline cannot
+# await). Private, so requirements.txt holds azure-storage-queue to one minor version.
+from azure.storage.queue._shared.policies_async import ExponentialRetry
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
-from loyaltysync import timesource
-from loyaltysync.host_limits import function_timeout_seconds, intent_horizon_seconds, step_budget_seconds
+from loyaltysync import host_limits, timesource
+from loyaltysync.host_limits import function_timeout_seconds, intent_horizon_seconds
 from loyaltysync.lag import LagWindow
 from loyaltysync.settings import CredentialKind, Settings, load_settings
 from loyaltysync.state import ControlStore, DeadLetterStore, StateStore
@@ -133,8 +137,8 @@ class Runtime:
     _pause_cache: dict[str, tuple[bool, float]] = field(default_factory=dict)
     _successes: LatestDocuments | None = None
     lag: LagWindow = field(default_factory=LagWindow)  # how far behind each template's queue runs (lag.py)
-    # How long one change's invocation may run before handing the change back (host_limits.step_budget_seconds).
-    step_budget_s: float | None = None
+    # host.json's functionTimeout: each change's step keeps inside it (host_limits.invocation_deadline).
+    function_timeout_s: float | None = None
 
     @property
     def successes(self) -> LatestDocuments:
@@ -277,7 +281,7 @@ def build_runtime(
         queues=queues,
         _storage=storage,
         _credentials=[fno_credential, dv_credential, *storage_credentials],
-        step_budget_s=step_budget_seconds(function_timeout_s),
+        function_timeout_s=function_timeout_s,
     )
 
 
@@ -289,18 +293,49 @@ def _storage_clients(settings: Settings) -> tuple[TableStorage, QueueServiceClie
     credentials: list[AsyncTokenCredential] = []
     if endpoints is None:
         connection = expand_connection_string(settings.storage)
-        service = TableServiceClient.from_connection_string(connection, **storage_transport())
-        queues = QueueServiceClient.from_connection_string(connection, **storage_transport())
+        service = TableServiceClient.from_connection_string(connection, **storage_transport(), **TABLES_RETRY)
+        queues = QueueServiceClient.from_connection_string(
+            connection, **storage_transport(), retry_policy=QueueRetry()
+        )
     else:
         kind: CredentialKind = "managed-identity" if endpoints.managed_identity else "default"
         credential = build_credential(kind, client_id=endpoints.client_id)
         credentials.append(credential)
-        service = TableServiceClient(endpoint=endpoints.table, credential=credential, **storage_transport())
-        queues = QueueServiceClient(account_url=endpoints.queue, credential=credential, **storage_transport())
+        service = TableServiceClient(
+            endpoint=endpoints.table, credential=credential, **storage_transport(), **TABLES_RETRY
+        )
+        queues = QueueServiceClient(
+            account_url=endpoints.queue, credential=credential, **storage_transport(), retry_policy=QueueRetry()
+        )
     storage = TableStorage(
         service, state_table=names[0], deadletter_table=names[1], control_table=names[2], owns_service=True
     )
     return storage, queues, credentials
+
+
+# Storage's own retries stay short: a change whose step cannot reach Storage is tried again from its queue
+# (docs/retries.md), and an invocation must end before functionTimeout. Tables: waits of 0, 1 and 2 s
+# (azure-core's back-off; the SDK's default is 10 retries up to 2 minutes apart).
+TABLES_RETRY: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5, "retry_backoff_max": 4}
+
+
+class QueueRetry(ExponentialRetry):
+    """Storage queues' retry: waits of about 2, 4 and 8 s (the SDK's default: 18, 24 and 42 s), and none that
+    would outlast the invocation: a change put back at the end of its step (a retry, a re-check) must be on
+    the queue before the host ends the invocation at functionTimeout."""
+
+    def __init__(self) -> None:
+        super().__init__(initial_backoff=0, increment_base=2, retry_total=3, random_jitter_range=1)
+
+    def increment(
+        self, settings: dict[str, Any], request: Any, response: Any = None, error: Any = None
+    ) -> bool:
+        if not super().increment(settings, request, response=response, error=error):
+            return False
+        left = host_limits.seconds_to_timeout()
+        count = settings["count"]
+        longest = self.initial_backoff + (self.increment_base**count if count else 0) + self.random_jitter_range
+        return left is None or longest < left
 
 
 def storage_transport(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -91,9 +91,9 @@ async def handle_change(
     failure put the change back on the queue; raises only when it could not be put back. `last_try`
     (the poison queue's) parks a transient failure instead, and raises.
     """
-    if runtime.step_budget_s is None:
+    if runtime.function_timeout_s is None:
         return await _handle_change(runtime, body, dequeue_count, max_dequeue, host_traceparent, last_try)
-    with host_limits.invocation_deadline(runtime.step_budget_s):
+    with host_limits.invocation_deadline(runtime.function_timeout_s):
         return await _handle_change(runtime, body, dequeue_count, max_dequeue, host_traceparent, last_try)
 
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar, cast
 from devkit.devhost.host_json import QueueOptions
 from devkit.sim.loop import CRASH_POINT, PROCESS, VirtualLoop
 from loyaltysync import worker
-from loyaltysync.host_limits import intent_horizon_seconds, step_budget_seconds
+from loyaltysync.host_limits import intent_horizon_seconds
 from loyaltysync.runtime import Runtime
 from loyaltysync.settings import Settings
 from loyaltysync.state import (
@@ -341,7 +341,7 @@ def build_runtime(
         queues=cast(Any, None),
         _storage=cast(Any, None),
         _credentials=[],
-        step_budget_s=step_budget_seconds(function_timeout_s),
+        function_timeout_s=function_timeout_s,
         sim_queues=stores.queues,
         latency=latency,
     )

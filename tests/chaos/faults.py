@@ -43,9 +43,11 @@ import logging
 import os
 import random
 import time
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from loyaltysync import worker
@@ -200,6 +202,18 @@ def _event_id(body: str) -> str | None:
     return str(value) if value else None
 
 
+def _where_it_stood(error: BaseException | None) -> str:
+    """For an invocation the host ended at functionTimeout: the awaits it was stuck in (innermost last)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, asyncio.CancelledError):
+            frames = traceback.extract_tb(error.__traceback__)[-8:]
+            return " stuck at: " + " > ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames)
+        error = error.__cause__ or error.__context__
+    return ""
+
+
 class FailureWatch(logging.Handler):
     """Collects the invocation failures the host logs that are neither a crash we caused nor a retry."""
 
@@ -212,7 +226,7 @@ class FailureWatch(logging.Handler):
         if isinstance(error, WorkerCrash) or (isinstance(error, TargetError) and error.transient):
             return
         detail = f"{type(error).__name__}: {error}" if error is not None else record.getMessage()
-        self.found(f"{record.name}: {record.getMessage()[:200]} ({detail[:300]})")
+        self.found(f"{record.name}: {record.getMessage()[:200]} ({detail[:300]}){_where_it_stood(error)}")
 
     def found(self, line: str) -> None:
         self.unexpected.append(line)
