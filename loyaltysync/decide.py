@@ -119,7 +119,7 @@ def is_newer(version: str | None, than: str | None) -> bool:
         return True
     if version.isdigit() and than.isdigit():
         return int(version) > int(than)
-    moments = _instant(version), _instant(than)
+    moments = instant(version), instant(than)
     if moments[0] is not None and moments[1] is not None:
         return moments[0] > moments[1]  # times with and without fractions or offsets do not sort as text
     return version > than
@@ -137,7 +137,7 @@ def latest(*moments: str | None) -> str | None:
     return found
 
 
-def _instant(text: str) -> datetime | None:
+def instant(text: str) -> datetime | None:
     """The moment an ISO-8601 or WCF /Date()/ string names, or None when it is not a time."""
     try:
         return parse_datetime(text)

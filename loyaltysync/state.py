@@ -49,6 +49,30 @@ class StateSizeError(LoyaltySyncError):
         self.limit = limit
 
 
+@dataclass(frozen=True, slots=True)
+class FoWrite:
+    """The sync's last write to F&O: from `started` (before the request) to `ended` (after the answer), on the
+    engine's clock (ISO UTC), and F&O's values after it where they differ from the agreed values (a field
+    whose conflict is still open keeps F&O's own value)."""
+
+    started: str
+    ended: str
+    differs: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"started": self.started, "ended": self.ended, "differs": dict(self.differs)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> FoWrite | None:
+        """Inverse of `as_dict`; None for anything else (bookkeeping only: a record stays readable)."""
+        if not isinstance(data, dict):
+            return None
+        started, ended, differs = data.get("started"), data.get("ended"), data.get("differs") or {}
+        if not isinstance(started, str) or not isinstance(ended, str) or not isinstance(differs, dict):
+            return None
+        return cls(started, ended, dict(differs))
+
+
 @dataclass(slots=True)
 class SyncRecord:
     """The sync state of one record.
@@ -60,7 +84,8 @@ class SyncRecord:
     time); `fo_field_times` the same per F&O field, from update events that name their
     fields. `written_since_read` is True while the sync's last Dataverse write is newer
     than its last read there (see `sync._written_since_read`), `dataverse_written_at`
-    when the sync last wrote Dataverse (its own clock). `deleted` marks a tombstone so a
+    when the sync last wrote Dataverse (its own clock); `fo_written` its last write to F&O
+    (see `sync._change_time`). `deleted` marks a tombstone so a
     late event for a deleted key is recognised.
     `intent` is what a sync step is about to do (`loyaltysync.intent`): stored before its
     writes, cleared with the new agreed values after them, so a step that dies in between
@@ -81,6 +106,7 @@ class SyncRecord:
     written_since_read: bool = False
     dataverse_written_at: str | None = None
     fo_field_times: dict[str, str] = field(default_factory=dict)
+    fo_written: FoWrite | None = None
 
 
 @dataclass(slots=True)
@@ -238,7 +264,9 @@ def encode_record(record: SyncRecord) -> dict[str, str]:
     check_text(f"{where}: key", record.key)
     sides = record.intent.sides.items() if record.intent else ()
     intended = [(f"intent {side} {name}", v) for side, wanted in sides for name, v in wanted.values.items()]
-    for name, value in [*record.values.items(), *intended]:
+    differs = [(f"F&O after the sync's write {name}", v) for name, v in (
+        record.fo_written.differs.items() if record.fo_written else ())]
+    for name, value in [*record.values.items(), *intended, *differs]:
         if value is not None and not isinstance(value, str | int | float | bool):
             raise TypeError(f"{where}: value of {name} is a {type(value).__name__}, not a JSON scalar")
     bookkeeping: dict[str, Any] = {}
@@ -248,6 +276,8 @@ def encode_record(record: SyncRecord) -> dict[str, str]:
         bookkeeping["dataverse_written_at"] = record.dataverse_written_at
     if record.fo_field_times:
         bookkeeping["fo_field_times"] = record.fo_field_times
+    if record.fo_written is not None:
+        bookkeeping["fo_written"] = record.fo_written.as_dict()
     return {
         "values": dump_json(record.values, f"{where}: values"),
         "versions": dump_json(record.versions, f"{where}: versions"),
@@ -292,6 +322,7 @@ def decode_record(texts: Mapping[str, str | None]) -> dict[str, Any]:
         "written_since_read": written_since_read,
         "dataverse_written_at": written_at,
         "fo_field_times": field_times,
+        "fo_written": FoWrite.from_dict(bookkeeping.get("fo_written")),
     }
 
 

@@ -28,6 +28,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from loyaltysync import mapping, timesource
@@ -37,6 +38,7 @@ from loyaltysync.decide import (
     SideRecord,
     agreed_from_state,
     decide,
+    instant,
     is_newer,
     is_stale,
     latest,
@@ -45,7 +47,7 @@ from loyaltysync.errors import ConcurrencyError, LoyaltySyncError, MappingError,
 from loyaltysync.events.model import ChangeEvent, utc_now
 from loyaltysync.intent import EventFacts, Evidence, Intent, Wait, settle
 from loyaltysync.retries import Deferral
-from loyaltysync.state import StateStore, SyncRecord
+from loyaltysync.state import FoWrite, StateStore, SyncRecord
 from loyaltysync.targets.dataverse import DataverseClient
 from loyaltysync.targets.fno import FnoClient
 from loyaltysync.targets.lookups import LookupCache
@@ -60,6 +62,8 @@ MAX_STATE_RACES = 5
 # invocation by then, however long the clients retry. This default is host.json's 10 minutes.
 WRITING_ELSEWHERE_S = 605.0
 BUSY_PAUSE_S = 0.25
+# How far apart two machines' clocks may be, each within a second of the true time (NTP).
+CLOCKS_AGREE_S = 2.0
 A = TypeVar("A")
 B = TypeVar("B")
 
@@ -477,6 +481,7 @@ class Engine:
             record.written_since_read,
             record.dataverse_written_at,
             record.fo_field_times,
+            record.fo_written,
         ) == (
             new.values,
             new.deleted,
@@ -487,6 +492,7 @@ class Engine:
             new.written_since_read,
             new.dataverse_written_at,
             new.fo_field_times,
+            new.fo_written,
         )
         if not unchanged:
             await self.state.put(new)
@@ -578,6 +584,12 @@ def _next_state(gathered: _Gathered, decision: Decision, record: SyncRecord | No
     elif gathered.dv_read:
         written_since_read = False
     modified, field_times = _times_seen(gathered, record)
+    fo_written = record.fo_written if record else None
+    if "fo" in decision.writes and decision.exists_after:
+        started = record.intent.at if record and record.intent and record.intent.at else utc_now()
+        after = {**(gathered.fo.values or {}), **decision.writes["fo"]}
+        differs = {name: value for name, value in after.items() if decision.agreed.get(name, value) != value}
+        fo_written = FoWrite(started, utc_now(), differs)
     return SyncRecord(
         template=gathered.template.name,
         key=gathered.key_text,
@@ -591,6 +603,7 @@ def _next_state(gathered: _Gathered, decision: Decision, record: SyncRecord | No
         written_since_read=written_since_read,
         dataverse_written_at=written_at,
         fo_field_times=field_times,
+        fo_written=fo_written,
     )
 
 
@@ -662,13 +675,32 @@ def _change_time(event: EventFacts, fo: SideRecord, record: SyncRecord | None) -
 
     An F&O update whose submitted fields all hold the agreed values now tells nothing about F&O's
     other values: typically it is the event of the sync's own write (F&O events name no user), and
-    its time would make F&O's older edits look as new as that write.
+    its time would make F&O's older edits look as new as that write. An F&O event that names no
+    fields (a business event) is taken for the sync's own write's when it is dated within that
+    write (give or take the clocks' disagreement) and F&O holds just what it held after that write:
+    dated by it, F&O's older edit of a field whose conflict was still open beat a later Dataverse
+    edit (the simulator found it).
     """
-    if event.side == "fo" and event.changed and record is not None and not record.deleted and fo.exists:
-        values = fo.values or {}
+    if event.side != "fo" or record is None or record.deleted or not fo.exists:
+        return event.at
+    values = fo.values or {}
+    if event.changed:
         if all(values.get(name) == record.values.get(name) for name in event.changed):
             return None
+    elif record.fo_written is not None and _own_fo_write(event.at, values, record.values, record.fo_written):
+        return None
     return event.at
+
+
+def _own_fo_write(at: str | None, values: Mapping[str, Any], agreed: Mapping[str, Any], write: FoWrite) -> bool:
+    """Whether an F&O event at `at` may be the one of the sync's `write`, F&O holding `values` now."""
+    moment, started, ended = instant(at) if at else None, instant(write.started), instant(write.ended)
+    if moment is None or started is None or ended is None:
+        return False
+    margin = timedelta(seconds=CLOCKS_AGREE_S)
+    if not started - margin <= moment <= ended + margin:
+        return False
+    return all(value == write.differs.get(name, agreed.get(name, value)) for name, value in values.items())
 
 
 def _without_own_write_time(dv: SideRecord, record: SyncRecord | None) -> SideRecord:

@@ -24,6 +24,7 @@ from loyaltysync.state import (
     MAX_PROPERTY_UNITS,
     ControlStore,
     DeadLetterStore,
+    FoWrite,
     MemoryControlStore,
     MemoryDeadLetterStore,
     MemoryStateStore,
@@ -151,16 +152,20 @@ async def test_pending_writes_round_trip_and_a_replace_without_them_clears_them(
 async def test_the_bookkeeping_of_dataverse_writes_and_fo_field_times_round_trips(stores: Stores) -> None:
     saved = await stores.state.put(
         card(written_since_read=True, dataverse_written_at="2025-01-01T10:00:01.5Z",
-             fo_field_times={"Points": "2025-01-01T09:59:00Z"})
+             fo_field_times={"Points": "2025-01-01T09:59:00Z"},
+             fo_written=FoWrite("2025-01-01T10:00:00Z", "2025-01-01T10:00:01Z", {"CardTenderType": "Blocked"}))
     )
     loaded = await stores.state.get("loyalty-cards", "C-1001")
     assert loaded == saved
+    assert loaded is not None and loaded.fo_written == saved.fo_written
     assert (loaded.written_since_read, loaded.dataverse_written_at, loaded.fo_field_times) == (
         True, "2025-01-01T10:00:01.5Z", {"Points": "2025-01-01T09:59:00Z"}
     )
-    await stores.state.put(replace(saved, written_since_read=False, dataverse_written_at=None, fo_field_times={}))
+    await stores.state.put(replace(saved, written_since_read=False, dataverse_written_at=None, fo_field_times={},
+                                   fo_written=None))
     cleared = await stores.state.get("loyalty-cards", "C-1001")
-    assert (cleared.written_since_read, cleared.dataverse_written_at, cleared.fo_field_times) == (False, None, {})
+    assert (cleared.written_since_read, cleared.dataverse_written_at, cleared.fo_field_times, cleared.fo_written) == (
+        False, None, {}, None)
 
 
 def test_state_stored_by_an_earlier_version_reads_into_the_typed_fields() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -241,3 +242,33 @@ async def test_a_record_created_by_someone_else_meanwhile_is_decided_again(world
     assert row is not None and row["msdyn_partynumber"] == "P-1"
     record = await world.state.get("loyalty-cards", "S-6")
     assert record is not None and record.values["PartyNumber"] == "P-1"
+
+
+async def test_fos_business_event_of_the_syncs_own_write_does_not_decide_an_open_conflict(world: World) -> None:
+    # A business event names no fields: the event of the sync's own write to F&O dated F&O's whole record,
+    # so F&O's older edit of a field whose conflict was still open beat Dataverse's later edit.
+    await world.fo.create("RetailLoyaltyCards", card("S-9"))
+    await world.engine.process(event("fo", "S-9", wire_format="fo-business-event", modified_on=_ago(60)))
+    await world.fo.update("RetailLoyaltyCards", {"CardNumber": "S-9"}, {"CardTenderType": "Blocked"})
+    await world.dv.upsert("msdyn_loyaltycards", {"msdyn_cardnumber": "S-9"},
+                          {"msdyn_cardtendertype": 806380002, "msdyn_operatingunitnumber": "S2"}, mode="update")
+    first = await world.engine.process(
+        event("dataverse", "S-9", wire_format="dataverse-webhook", modified_on=_ago(30))
+    )
+    # F&O's edit has no time yet (its event is on its way): the tender type waits; the store is copied to F&O.
+    assert first.writes == {"fo": ["OmOperatingUnitNumber"]}
+    assert [(c["field"], c["winner"]) for c in first.conflicts] == [("CardTenderType", None)]
+
+    own = await world.engine.process(event("fo", "S-9", wire_format="fo-business-event", modified_on=_ago(0)))
+    assert "dataverse" not in own.writes
+    assert [(c["field"], c["winner"]) for c in own.conflicts] == [("CardTenderType", None)]
+
+    # An F&O event dated well after the sync's write is a person's: F&O's record changed then, so F&O's value
+    # is the later one.
+    later = await world.engine.process(event("fo", "S-9", wire_format="fo-business-event", modified_on=_ago(-10)))
+    assert later.writes == {"dataverse": ["CardTenderType"]}
+
+
+def _ago(seconds: float) -> str:
+    moment = datetime.now(UTC) - timedelta(seconds=seconds)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

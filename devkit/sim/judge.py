@@ -55,9 +55,12 @@ def _other(side: Side) -> Side:
 class Judge:
     """Checks one template's records."""
 
-    def __init__(self, specs: Mapping[str, list[FieldSpec]], *, g_s: float = G_SECONDS) -> None:
+    def __init__(
+        self, specs: Mapping[str, list[FieldSpec]], *, g_s: float = G_SECONDS, fo_events_name_fields: bool = True
+    ) -> None:
         self.specs = specs
         self.g_s = g_s
+        self.fo_events_name_fields = fo_events_name_fields  # False: F&O sends business events (no field list)
 
     def record(
         self,
@@ -181,9 +184,26 @@ class Judge:
         allowed = [winner.values[spec.fo]]
         if len(ordered) == 2:
             loser = ordered[0]
-            if winner.at - loser.at < self.g_s or self._concurrent_fo_edit(spec, winner, loser, since):
+            if (winner.at - loser.at < self.g_s or self._concurrent_fo_edit(spec, winner, loser, since)
+                    or self._fo_edit_dated_later(spec, winner, loser, since)):
                 allowed.append(loser.values[spec.fo])
         return allowed
+
+    def _fo_edit_dated_later(self, spec: FieldSpec, winner: Write, loser: Write, since: list[Write]) -> bool:
+        """C3's third exception: where F&O's events name no fields (business events), the earlier write is F&O's,
+        the sync had not copied it to Dataverse before the Dataverse write, and F&O wrote the record again (any
+        field) after the Dataverse write, less G: the sync can date F&O's fields only by the record's latest
+        F&O event."""
+        if self.fo_events_name_fields or winner.side != "dataverse":
+            return False
+        again = any(w.actor == "person" and w.side == "fo" and w.seq > loser.seq and w.at > winner.at - self.g_s
+                    for w in since)
+        copied = any(
+            w.actor == "sync" and w.side == "dataverse" and w.values.get(spec.fo) == loser.values[spec.fo]
+            and loser.at <= w.at <= winner.at
+            for w in since
+        )
+        return again and not copied
 
     @staticmethod
     def _concurrent_fo_edit(spec: FieldSpec, winner: Write, loser: Write, since: list[Write]) -> bool:

@@ -338,6 +338,7 @@ class World:
         self.crashes = 0
         self.played = 0
         self.services: sim.SimServices | None = None
+        self.fo_event_form: sim.FoEventForm = "virtual-table"
         self.closed = False
 
     def skew(self) -> float:
@@ -347,6 +348,7 @@ class World:
         fo_skew, dv_skew = self.skew(), self.skew()
         loop = self.loop
         form = self.rngs["form"].choice(sim.FO_EVENT_FORMS)
+        self.fo_event_form = form
         services = await sim.build(
             self.templates,
             fo_clock=lambda: EPOCH + timedelta(seconds=loop.time() + fo_skew),
@@ -494,7 +496,7 @@ def simulate(config: Config) -> Result:
 def _judge(world: World, problems: list[str]) -> Result:
     services = world.services
     assert services is not None  # noqa: S101
-    judge = Judge(world.specs)
+    judge = Judge(world.specs, fo_events_name_fields=world.fo_event_form != "business-event")
     findings: list[Finding] = []
     grouped = by_record(world.journal.writes)
     rows: dict[str, tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]] = {}

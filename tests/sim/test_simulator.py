@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import random
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -200,6 +201,24 @@ def test_a_later_fo_edit_loses_only_when_concurrent_with_the_dataverse_edit() ->
     seen = [*concurrent[:3], _write(3, 12.0, "fo", "sync", "update", CardTenderType="NoTender"),
             _write(4, 20.0, "fo", "person", "update", CardTenderType="Blocked")]
     assert _judge(seen, _card(CardTenderType="NoTender"), _card(CardTenderType="NoTender")) == ["C3", "C3"]
+
+
+def test_with_business_events_an_earlier_fo_edit_may_win_only_when_fo_wrote_the_record_again_later() -> None:
+    # F&O's business events name no fields: the sync dates F&O's fields by the record's latest event.
+    history = [CREATED, COPIED,
+               _write(2, 10.0, "fo", "person", "update", CardTenderType="Blocked"),
+               _write(3, 20.0, "dataverse", "person", "update", CardTenderType="NoTender"),
+               _write(4, 30.0, "fo", "person", "update", PartyNumber="P9")]
+    fo_wins = (_card(CardTenderType="Blocked", PartyNumber="P9"), _card(CardTenderType="Blocked", PartyNumber="P9"))
+    business = Judge(SPECS, fo_events_name_fields=False)
+    assert [f.rule for f in business.record(CARDS, "C1", history, *fo_wins)] == []
+    assert _judge(history, *fo_wins) == ["C3", "C3"]  # events that name their fields date each field
+    # Without F&O's later write, or once the sync had copied F&O's edit before Dataverse's: Dataverse's wins.
+    blocked = _card(CardTenderType="Blocked")
+    assert [f.rule for f in business.record(CARDS, "C1", history[:4], blocked, blocked)] == ["C3", "C3"]
+    copied = [*history[:3], _write(3, 11.0, "dataverse", "sync", "update", CardTenderType="Blocked"),
+              *[replace(w, seq=w.seq + 1) for w in history[3:]]]
+    assert [f.rule for f in business.record(CARDS, "C1", copied, *fo_wins)] == ["C3", "C3"]
 
 
 def test_a_deleted_record_must_stay_deleted_and_a_recreated_one_must_exist() -> None:
