@@ -21,11 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal
 
 from loyaltysync.decide import Agreed, Canonical, Decision, SideRecord
 from loyaltysync.mapping import parse_datetime
 from loyaltysync.templates import SIDES, Side, other_side
+
+_CLOCKS_APART = timedelta(seconds=1)  # a service's clock and an instance's, each within a second of true time
 
 Kind = Literal["write", "create", "delete"]
 
@@ -313,7 +316,10 @@ def _after_intent(intent: Intent, evidence: Evidence, operation: str) -> Side | 
         made = at = None
     if made is None or at is None:
         return event.side if operation == "delete" else None
-    return event.side if made >= at.replace(microsecond=0) else None
+    # Clearly later only: the service's clock and the step's may be a second apart, and the event of the
+    # sync's own delete just before the intent (the simulator found one dated in the intent's second) is
+    # no proof of anything. A person's change within that second is as close as G allows either way.
+    return event.side if made > at + _CLOCKS_APART else None
 
 
 def _deleted_since(intent: Intent, evidence: Evidence) -> Side | None:

@@ -25,7 +25,8 @@ from loyaltysync.intent import (
 from loyaltysync.templates import Side
 
 AT = "2025-01-01T10:00:00.250000Z"
-BEFORE, AFTER = "2025-01-01T09:59:59Z", "2025-01-01T10:00:00Z"  # whole seconds, as F&O's events
+# Whole seconds, as F&O's events; the clocks may be a second apart, so "after" is clearly after.
+BEFORE, SAME, AFTER = "2025-01-01T09:59:59Z", "2025-01-01T10:00:00Z", "2025-01-01T10:00:02Z"
 SYNC_USER, AGENT = "sync-user", "agent-user"
 
 
@@ -81,6 +82,10 @@ def test_a_create_missing_now_waits_for_its_delete_event_which_proves_it_landed(
     assert settle(NO_STATE, creating, evidence(row(), MISSING, deleted_after)) == Agreed(values={}, exists=True)
     deleted_before = EventFacts("dataverse", "delete", at=BEFORE)  # a late delete: proves nothing
     assert isinstance(judge(creating, "dataverse", evidence(row(), MISSING, deleted_before)), Wait)
+    # Nor one dated in the intent's own second: the event of the sync's own delete just before the intent
+    # was one (the simulator found it deleting the record a person had just created again).
+    deleted_then = EventFacts("dataverse", "delete", at=SAME)
+    assert isinstance(judge(creating, "dataverse", evidence(row(), MISSING, deleted_then)), Wait)
     assert judge(creating, "dataverse", evidence(MISSING, MISSING)) == NotLanded()  # gone on both: nothing to wait
     recheck = evidence(row(), MISSING, EventFacts("dataverse", "delete"), live=False, recheck=True)
     assert judge(creating, "dataverse", recheck) == NotLanded()  # a re-check takes "never happened"

@@ -89,7 +89,7 @@ class Judge:
         present = fo is not None or dv is not None
         close = last is not None and self._close_call(last, structural)
         if last is None or last.kind == "delete":
-            if present and not close:
+            if present and not close and not (last is not None and self._deleted_old_record(last, history)):
                 note("C2", f"present, but its last create-or-delete was a delete ({_describe(last)})")
         elif not present and not close and not self._racing_recreate(last, history):
             note("C2", f"gone, but a person created it last ({_describe(last)})")
@@ -115,6 +115,27 @@ class Judge:
             w.side != last.side and w.kind != last.kind and abs(last.at - w.at) < self.g_s
             for w in structural
         )
+
+    @staticmethod
+    def _deleted_old_record(delete: Write, history: list[Write]) -> bool:
+        """C2's third exception: the delete was made after the other side deleted the record and created it
+        again, before the sync copied that re-create to the delete's side: it deleted the old record."""
+        for create in history:
+            if create.actor != "person" or create.kind != "create" or create.side == delete.side:
+                continue
+            if create.at > delete.at:
+                continue
+            before = [w for w in history if w.actor == "person" and w.kind != "update" and w.seq < create.seq]
+            if not before or before[-1].kind != "delete" or before[-1].side != create.side:
+                continue
+            copied = any(  # the first delete or the re-create reached the delete's side before it
+                w.actor == "sync" and w.kind in ("create", "delete") and w.side == delete.side
+                and before[-1].at <= w.at <= delete.at
+                for w in history
+            )
+            if not copied:
+                return True
+        return False
 
     def _racing_recreate(self, create: Write, history: list[Write]) -> bool:
         """A re-create made before the sync deleted the record on its side after a delete on the other side."""

@@ -234,6 +234,19 @@ def test_a_deleted_record_must_stay_deleted_and_a_recreated_one_must_exist() -> 
     assert _judge(close, _card(PartyNumber="P2"), _card(PartyNumber="P2")) == []
 
 
+def test_a_delete_of_the_old_record_may_leave_the_one_created_again_on_the_other_side() -> None:
+    # Dataverse deletes and re-creates the record; F&O deletes its (old) record before the sync copied either.
+    raced = [CREATED, COPIED, _write(2, 10.0, "dataverse", "person", "delete"),
+             _write(3, 12.0, "dataverse", "person", "create", **_card(PartyNumber="P2")),
+             _write(4, 40.0, "fo", "person", "delete")]
+    assert _judge(raced, None, None) == []
+    assert _judge(raced, _card(PartyNumber="P2"), _card(PartyNumber="P2")) == []
+    # Once the sync had copied Dataverse's delete to F&O, F&O's delete was of the new record: it must win.
+    seen = [*raced[:3], _write(3, 11.0, "fo", "sync", "delete"),
+            *[replace(w, seq=w.seq + 1) for w in raced[3:]]]
+    assert _judge(seen, _card(PartyNumber="P2"), _card(PartyNumber="P2")) == ["C2"]
+
+
 def test_a_record_created_twice_by_the_sync_is_a_duplicate() -> None:
     history = [CREATED, COPIED, _write(2, 3.0, "dataverse", "sync", "create", **_card())]
     assert _judge(history, _card(), _card()) == ["C4"]
