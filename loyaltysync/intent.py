@@ -158,8 +158,10 @@ class Evidence:
 
     `fo` / `dataverse`: the records as read now (versions, row id, Dataverse's creator); `ours`: the
     event is of the integration user's own write; `recheck`: the step is a deferral's re-check (its time
-    is the deferral's, not a change's); `live`: False for re-checks and reconciliation (nothing is
-    waited for: what is not shown to have landed did not).
+    is the deferral's, not a change's); `live`: False for re-checks and reconciliation; `waited_out`: the
+    intent is older than the longest an event can be held back (the conflict grace plus a crashed
+    instance's queue lease). Only a step that is not live, about an intent waited out, waits for nothing:
+    what is not shown to have landed did not.
     """
 
     fo: SideRecord
@@ -169,6 +171,7 @@ class Evidence:
     recheck: bool = False
     live: bool = True
     integration_users: frozenset[str] = frozenset()
+    waited_out: bool = True
 
     def record(self, side: Side) -> SideRecord:
         return self.fo if side == "fo" else self.dataverse
@@ -216,7 +219,11 @@ def judge(intent: Intent, side: Side, evidence: Evidence) -> Verdict:
     if wanted is None:
         return NotLanded()
     now = evidence.record(side)
-    waiting = _why_wait(intent, side, wanted, evidence) if evidence.live else None
+    # W0: a re-check or reconciliation while the event telling what the step did may still be held back (a
+    # crashed instance's lease) waits as a live event does: the simulator found a re-check of an older
+    # conflict re-creating a record whose delete was still held.
+    patient = evidence.live or not evidence.waited_out
+    waiting = _why_wait(intent, side, wanted, evidence) if patient else None
     if waiting is not None:
         return Wait(waiting)
     if wanted.kind == "delete":

@@ -268,6 +268,7 @@ def build_runtime(
         storage.state,
         integration_users=settings.integration_users,
         writing_elsewhere_s=intent_horizon_seconds(function_timeout_s),
+        events_held_s=settings.conflict_grace_seconds + settings.queue_lease_seconds,
     )
     return Runtime(
         settings=settings,

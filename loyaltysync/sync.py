@@ -62,6 +62,8 @@ MAX_STATE_RACES = 5
 # invocation by then, however long the clients retry. This default is host.json's 10 minutes.
 WRITING_ELSEWHERE_S = 605.0
 BUSY_PAUSE_S = 0.25
+# The longest an event can be held back by default: CONFLICT_GRACE_SECONDS + QUEUE_LEASE_SECONDS.
+EVENTS_HELD_S = 30.0 + 600.0
 # How far apart two machines' clocks may be, each within a second of the true time (NTP).
 CLOCKS_AGREE_S = 2.0
 A = TypeVar("A")
@@ -132,9 +134,11 @@ class Engine:
         *,
         integration_users: frozenset[str] = frozenset(),
         writing_elsewhere_s: float = WRITING_ELSEWHERE_S,
+        events_held_s: float = EVENTS_HELD_S,
     ) -> None:
         self.templates = templates
         self.writing_elsewhere_s = writing_elsewhere_s
+        self.events_held_s = events_held_s  # the longest an event can be held back: conflict grace + queue lease
         self.instance = timesource.new_id()[:12]  # marks this process's intents: its own are never "elsewhere"
         self.fno = fno
         self.dataverse = dataverse
@@ -216,7 +220,32 @@ class Engine:
         self, template: Template, event: ChangeEvent, *, live: bool, deferral: Deferral | None
     ) -> Outcome:
         """gather -> judge -> decide -> write -> record."""
-        gathered = await self._gather(template, event, live=live, deferral=deferral)
+        decided = await self._decided(template, event, live=live, deferral=deferral, trust_payload=True)
+        if isinstance(decided, Outcome):
+            return decided
+        gathered, agreed, decision = decided
+        if gathered.payload_used and _touches(decision, event.side):
+            # The payload is its side as of the event's change: enough to copy that change to the other side,
+            # not to write back to its own side, which a person may have changed since (the write would undo
+            # that: the simulator found a late webhook's payload overwriting a later edit). Decided again on
+            # a fresh read.
+            decided = await self._decided(template, event, live=live, deferral=deferral, trust_payload=False)
+            if isinstance(decided, Outcome):
+                return decided
+            gathered, agreed, decision = decided
+        record, row_id = await self._write(gathered, agreed, decision)
+        outcome = _outcome(gathered, decision)
+        try:
+            await self._record(gathered, decision, record, row_id)
+        except ConcurrencyError as exc:
+            raise _Raced(outcome) from exc
+        return outcome
+
+    async def _decided(
+        self, template: Template, event: ChangeEvent, *, live: bool, deferral: Deferral | None, trust_payload: bool
+    ) -> tuple[_Gathered, Agreed, Decision] | Outcome:
+        """gather -> judge -> decide; or the outcome when there is nothing to do or an event to wait for."""
+        gathered = await self._gather(template, event, live=live, deferral=deferral, trust_payload=trust_payload)
         if isinstance(gathered, Outcome):
             return gathered  # nothing to do: an unknown row, or an event already reflected
         agreed = _judge(gathered)
@@ -226,16 +255,11 @@ class Engine:
             template, gathered.fo, gathered.dv, agreed,
             trigger=event.side, live=live, from_integration_user=gathered.evidence.ours,
         )
-        record, row_id = await self._write(gathered, agreed, decision)
-        outcome = _outcome(gathered, decision)
-        try:
-            await self._record(gathered, decision, record, row_id)
-        except ConcurrencyError as exc:
-            raise _Raced(outcome) from exc
-        return outcome
+        return gathered, agreed, decision
 
     async def _gather(
-        self, template: Template, event: ChangeEvent, *, live: bool, deferral: Deferral | None
+        self, template: Template, event: ChangeEvent, *, live: bool, deferral: Deferral | None,
+        trust_payload: bool = True,
     ) -> _Gathered | Outcome:
         """The state and both sides' records, with the best times known, and the evidence about an
         interrupted step; or the outcome when the event needs nothing done."""
@@ -253,7 +277,8 @@ class Engine:
             # Its writes may not have landed yet: reading now could miss them, and clearing its intent
             # would lose the proof that they are the sync's own (see SyncRecord.intent).
             raise _Busy(f"{template.name} {key_text} is being written by another step", fresh_s)
-        payload = self._payload_record(template, event) if _payload_trusted(facts, ours, record) else None
+        trusted = trust_payload and _payload_trusted(facts, ours, record)
+        payload = self._payload_record(template, event) if trusted else None
         fo, dv = await _both(
             payload if payload is not None and event.side == "fo" else self.read_fo(template, key),
             payload if payload is not None and event.side == "dataverse" else self.read_dataverse(template, key),
@@ -271,9 +296,11 @@ class Engine:
             recheck=deferral is not None,
             live=live,
             integration_users=self.integration_users,
+            waited_out=_older_than(record.intent.at if record and record.intent else None,
+                                   self.events_held_s + CLOCKS_AGREE_S),
         )
         dv_read = payload is None or event.side != "dataverse"
-        return _Gathered(template, event, key, key_text, record, changed_at, dv_read, evidence)
+        return _Gathered(template, event, key, key_text, record, changed_at, dv_read, evidence, payload is not None)
 
     async def _write(
         self, gathered: _Gathered, agreed: Agreed, decision: Decision
@@ -510,6 +537,7 @@ class _Gathered:
     changed_at: str | None  # when the event's side changed the record (None: the event dates nothing)
     dv_read: bool  # Dataverse was read, not taken from the event's payload
     evidence: Evidence  # both sides' records as the decision sees them, and what the event says
+    payload_used: bool = False  # the event's side is its payload, not a read
 
     @property
     def fo(self) -> SideRecord:
@@ -518,6 +546,17 @@ class _Gathered:
     @property
     def dv(self) -> SideRecord:
         return self.evidence.dataverse
+
+
+def _older_than(at: str | None, seconds: float) -> bool:
+    """Whether the moment `at` (ISO, another machine's clock) is more than `seconds` ago; True for no moment."""
+    moment = instant(at) if at else None
+    return moment is None or timesource.utc() - moment > timedelta(seconds=seconds)
+
+
+def _touches(decision: Decision, side: Side) -> bool:
+    """Whether the decision writes, creates or deletes on `side`."""
+    return side in decision.writes or decision.create == side or decision.delete == side
 
 
 def _judge(gathered: _Gathered) -> Agreed | Wait:

@@ -173,7 +173,10 @@ async def _handle_event(
             raise
         await _retry_later(runtime, event, body, retry, exc, dequeue_count, max_dequeue)
         return None
-    if deferral is None and outcome.deferred:
+    if outcome.deferred and (deferral is None or outcome.waiting is not None):
+        # A re-check that meets an interrupted step's intent waits, like a live event, for the event that
+        # tells what the step did (or for the time it may be held back); another deferred conflict is not
+        # deferred again: the re-check decided it.
         await _recheck_later(runtime, event, body, outcome)
     await _succeeded(runtime, event, outcome)
     return outcome

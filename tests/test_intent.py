@@ -7,6 +7,7 @@ rule is one small case on plain values.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from loyaltysync.decide import MISSING, NO_STATE, Agreed, Decision, SideRecord
@@ -89,6 +90,9 @@ def test_a_create_missing_now_waits_for_its_delete_event_which_proves_it_landed(
     assert judge(creating, "dataverse", evidence(MISSING, MISSING)) == NotLanded()  # gone on both: nothing to wait
     recheck = evidence(row(), MISSING, EventFacts("dataverse", "delete"), live=False, recheck=True)
     assert judge(creating, "dataverse", recheck) == NotLanded()  # a re-check takes "never happened"
+    # ... once the delete cannot be held back any longer (a crashed instance's lease); before, it waits.
+    young = replace(recheck, waited_out=False)
+    assert isinstance(judge(creating, "dataverse", young), Wait)
 
 
 def test_who_created_the_dataverse_row_tells_whose_record_it_is() -> None:

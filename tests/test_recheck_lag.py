@@ -142,3 +142,31 @@ async def test_a_recheck_queued_by_an_earlier_version_is_taken_as_its_deferral(
         Deferral(deferred_at, "re-check queued by an earlier version", {"CardTenderType": "AsCardTender"}),
         Deferral(deferred_at, "re-check queued by an earlier version", {}, whole_record=True),
     ]
+
+
+async def test_a_recheck_that_meets_an_interrupted_steps_intent_waits_for_its_event_and_a_decided_one_does_not(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[str, int]] = []
+    outcomes = [
+        Outcome(CARDS, "dataverse", "C-LAG", "conflict-deferred", waiting="an interrupted create in fo may have "
+                "landed and been deleted since: waiting for its delete"),
+        Outcome(CARDS, "dataverse", "C-LAG", "changed", conflicts=[
+            {"field": "CardTenderType", "fo": "Blocked", "dataverse": "NoTender", "winner": None, "rule": "r"}]),
+    ]
+
+    async def enqueue(template: str, message: str, *, delay_s: int = 0) -> None:
+        sent.append((message, delay_s))
+
+    async def process(event: ChangeEvent, **kwargs: object) -> Outcome:
+        return outcomes.pop(0)
+
+    monkeypatch.setattr(runtime, "enqueue", enqueue)
+    monkeypatch.setattr(runtime.engine, "process", process)
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=60))
+    (message, delay), = sent
+    deferral = read_envelope(message).deferral
+    assert deferral is not None and deferral.whole_record
+    assert delay == 3 + runtime.settings.queue_lease_seconds  # the grace plus a crashed instance's lease
+    await worker.handle_change(runtime, _recheck(deferred_seconds_ago=60))
+    assert len(sent) == 1  # a re-check's still open conflict is not deferred again: it was decided

@@ -272,3 +272,27 @@ async def test_fos_business_event_of_the_syncs_own_write_does_not_decide_an_open
 def _ago(seconds: float) -> str:
     moment = datetime.now(UTC) - timedelta(seconds=seconds)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def test_a_late_webhooks_payload_never_overwrites_a_later_edit_on_its_own_side(world: World) -> None:
+    # The payload is Dataverse's row as of its change: enough to copy that change to F&O. A write back to
+    # Dataverse decided on it undid the agent's later edit (the simulator found it); that is decided on a read.
+    await world.fo.create("RetailLoyaltyCards", card("S-10"))
+    await world.engine.process(event("fo", "S-10", wire_format="fo-business-event", modified_on=_ago(60)))
+    # The echo of the sync's create: read, so payloads count again (P4).
+    await world.engine.process(event("dataverse", "S-10", wire_format="dataverse-webhook", modified_on=_ago(59)))
+    dv_key = {"msdyn_cardnumber": "S-10"}
+    await world.dv.upsert("msdyn_loyaltycards", dv_key, {"msdyn_partynumber": "P-9"}, mode="update")
+    payload = {**card("S-10"), "PartyNumber": "P-9"}  # the webhook of that edit, still on its way
+    await world.fo.update("RetailLoyaltyCards", {"CardNumber": "S-10"}, {"CardTenderType": "NoTender"})
+    await world.dv.upsert("msdyn_loyaltycards", dv_key, {"msdyn_cardtendertype": 806380001}, mode="update")
+
+    late = await world.engine.process(
+        event("dataverse", "S-10", wire_format="dataverse-webhook", modified_on=_ago(30), complete=True,
+              fields=payload)
+    )
+    row = await world.dv.get_by_key("msdyn_loyaltycards", dv_key)
+    assert row is not None and row["msdyn_cardtendertype"] == 806380001  # the agent's AsContactTender stays
+    assert "dataverse" not in late.writes
+    fo_row = await world.fo.get("RetailLoyaltyCards", {"CardNumber": "S-10"})
+    assert fo_row is not None and fo_row["PartyNumber"] == "P-9"

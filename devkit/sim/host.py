@@ -328,6 +328,7 @@ def build_runtime(
     engine = Engine(
         templates, fno_client, dv_client, LookupCache(dv_client), state, integration_users=settings.integration_users,
         writing_elsewhere_s=intent_horizon_seconds(function_timeout_s),
+        events_held_s=settings.conflict_grace_seconds + settings.queue_lease_seconds,
     )
     return SimRuntime(
         settings=settings,
