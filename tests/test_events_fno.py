@@ -111,6 +111,20 @@ def test_an_update_names_the_mapped_fields_it_submitted() -> None:
     assert parse(data).changed == ["CardTenderType", "PartyNumber"]  # the key column is not a change
 
 
+def test_a_submitted_column_the_pre_image_holds_with_the_same_value_is_no_change() -> None:
+    """A form saved whole submits columns it did not change: the pre-image tells them apart. Named as
+    changed, the save dated an older F&O edit of such a field as new as itself (the simulator found it)."""
+    data = load("fo-dataevent-loyaltycard-updated.json")
+    target_attributes(data).append({"key": "mserp_cardtendertype", "value": 1})
+    data["PreEntityImages"] = [{"key": "PreImage", "value": {
+        "Attributes": [{"key": "mserp_cardtendertype", "value": 1}, {"key": "mserp_partynumber", "value": "003999"}],
+        "EntityState": None, "FormattedValues": [], "Id": "00000a10-0000-0000-8c13-005001000000",
+        "KeyAttributes": [], "LogicalName": "mserp_retailloyaltycardentity", "RelatedEntities": [], "RowVersion": None,
+    }}]
+
+    assert parse(data).changed == ["PartyNumber"]
+
+
 @pytest.mark.parametrize("fixture", ["fo-dataevent-loyaltycard-created.json", "fo-dataevent-loyaltycard-deleted.json"])
 def test_creates_and_deletes_name_no_changed_fields(fixture: str) -> None:
     assert parse(load(fixture)).changed == []

@@ -90,7 +90,8 @@ def data_event_change(
     context: RemoteContext, template: Template, *, wire_format: WireFormat = "fo-data-event"
 ) -> ChangeEvent:
     """The F&O change a data event announces: operation, natural key and, for an update, which
-    mapped fields it submitted (`changed`: the Target's columns). Values are re-read from F&O.
+    mapped fields it changed (`changed`: the Target's columns, less those the pre-image holds with the
+    same value). Values are re-read from F&O.
 
     The key comes from the `mserp_` key columns (Target over the images), else from
     `mserp_primaryfield` (`company|key1|key2`). Raises `EventError` 422 for a
@@ -111,10 +112,17 @@ def data_event_change(
         record.update({**context.target.key_attributes, **context.target.attributes})
         if operation == "update":
             keys = set(template.key_names)
+            before: dict[str, Any] = {}
+            for image in context.pre_images.values():
+                before.update(image.attributes)
+            submitted = context.target.attributes
+            # A column the pre-image holds with the same value was submitted, not changed (a form saved
+            # whole): named as changed, it dated an older F&O edit of that field as new as this one.
             changed = [
                 f.key
                 for f in template.all_fields
-                if f.fo and f.key not in keys and virtual_column(f) in context.target.attributes
+                if f.fo and f.key not in keys and (column := virtual_column(f)) in submitted
+                and (column not in before or before[column] != submitted[column])
             ]
     key = _data_event_key(template, record, context.message_name)
     # Without OperationId/RequestId the id comes from the event itself, so a redelivery is the same event.
