@@ -296,8 +296,7 @@ class Engine:
             recheck=deferral is not None,
             live=live,
             integration_users=self.integration_users,
-            waited_out=_older_than(record.intent.at if record and record.intent else None,
-                                   self.events_held_s + CLOCKS_AGREE_S),
+            waited_out=_older_than(record.intent.at if record and record.intent else None, self.events_held_s),
         )
         dv_read = payload is None or event.side != "dataverse"
         return _Gathered(template, event, key, key_text, record, changed_at, dv_read, evidence, payload is not None)
@@ -753,6 +752,8 @@ def _without_own_write_time(dv: SideRecord, record: SyncRecord | None) -> SideRe
     written = record.dataverse_written_at if record else None
     if record is None or not written or not dv.exists or not dv.modified_on:
         return dv
+    if record.row_id and dv.row_id and record.row_id.lower() != dv.row_id.lower():
+        return dv  # another row than the one the sync wrote: a person made it anew (T8), its time is theirs
     if is_newer(dv.modified_on, written):
         return dv  # changed after the sync's write: that change is a person's
     return replace(dv, modified_on=record.modified.get("dataverse"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -296,3 +297,17 @@ async def test_a_late_webhooks_payload_never_overwrites_a_later_edit_on_its_own_
     assert "dataverse" not in late.writes
     fo_row = await world.fo.get("RetailLoyaltyCards", {"CardNumber": "S-10"})
     assert fo_row is not None and fo_row["PartyNumber"] == "P-9"
+
+
+def test_the_modifiedon_of_another_row_than_the_one_the_sync_wrote_is_a_persons() -> None:
+    # A row deleted and created again by a person (T8) is not the sync's write, whatever the times say.
+    from loyaltysync.decide import SideRecord
+    from loyaltysync.state import SyncRecord
+    from loyaltysync.sync import _without_own_write_time
+
+    record = SyncRecord("loyalty-cards", "S-11", values=card("S-11"), dataverse_written_at="2026-01-05T08:10:53.800Z",
+                        modified={"dataverse": "2026-01-05T08:01:40Z"}, row_id="row-1")
+    own = SideRecord(values=card("S-11"), modified_on="2026-01-05T08:10:53Z", row_id="row-1")
+    assert _without_own_write_time(own, record).modified_on == "2026-01-05T08:01:40Z"  # the last person's time
+    anew = replace(own, row_id="row-2")
+    assert _without_own_write_time(anew, record).modified_on == "2026-01-05T08:10:53Z"

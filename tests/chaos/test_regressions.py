@@ -121,10 +121,11 @@ async def world() -> AsyncIterator[World]:
     fo = FnoClient("http://fo.test", credential, transport=httpx.ASGITransport(app=fo_app))
     dv = DataverseClient("http://dv.test", credential, transport=httpx.ASGITransport(app=dv_app))
     state = MemoryStateStore()
-    # Another instance's intent counts as "being written" for WRITING_ELSEWHERE (15 s in production).
+    # Another instance's intent counts as "being written" for WRITING_ELSEWHERE (functionTimeout in production).
+    # A re-check here stands for one made after its wait (the grace plus the queue's lease): no event is held.
     engine = Engine(
         templates, fo, dv, LookupCache(dv), state, integration_users=frozenset({INTEGRATION_USER.systemuserid}),
-        writing_elsewhere_s=WRITING_ELSEWHERE,
+        writing_elsewhere_s=WRITING_ELSEWHERE, events_held_s=0,
     )
     yield World(engine, fo, dv, dv.as_caller(AGENT_USER.azureactivedirectoryobjectid), state)
     await fo.aclose()
@@ -417,7 +418,7 @@ async def test_a_step_waits_for_another_instances_write_in_flight(
     written yet) and Dataverse (gone), stored a tombstone over A's intent, and A's re-run then found F&O
     (its own write) and the tombstone, and created the level in Dataverse again. B now waits for A."""
     other = Engine(world.engine.templates, world.fo, world.dv, LookupCache(world.dv), world.state,
-                   integration_users=world.engine.integration_users, writing_elsewhere_s=5)
+                   integration_users=world.engine.integration_users, writing_elsewhere_s=5, events_held_s=0)
     await world.agent.create(DV_SET, {"msdyn_levelphrase": "RACE-1", "msdyn_description": "new"})
     row = await world.dv_row("RACE-1")
     assert row is not None
@@ -454,7 +455,7 @@ async def test_a_record_busy_for_longer_than_the_pauses_is_retried_later_not_par
     """Another instance's fresh intent that does not clear in time: the step gives up with a transient
     error (the queue redelivers the message later), never a permanent one that would park the record."""
     other = Engine(world.engine.templates, world.fo, world.dv, LookupCache(world.dv), world.state,
-                   integration_users=world.engine.integration_users, writing_elsewhere_s=60)
+                   integration_users=world.engine.integration_users, writing_elsewhere_s=60, events_held_s=0)
     await synced_level(world, "BUSY-1", "a")
     record = await world.state.get(LEVELS, "BUSY-1")
     assert record is not None
@@ -549,6 +550,7 @@ async def test_a_record_recreated_in_fo_after_a_crashed_delete_waits_for_its_cre
     delivered again before the re-create's event, sees an F&O row changed since the step read it (a new
     row, or the old one edited) and waits; the create event, later than the intent, proves a new row."""
     deleted = await _delete_in_dataverse_and_crash_in_fo(world, monkeypatch, "AGAIN-2", landed=True)
+    await asyncio.sleep(2.1)  # clearly later than the intent: the clocks may be a second apart
     await world.fo.create(FO_SET, {"LevelPhrase": "AGAIN-2", "LevelDescription": "second life"})
 
     again = await world.engine.process(deleted)
@@ -903,7 +905,7 @@ async def test_a_value_put_back_in_fo_after_a_crashed_copy_is_a_change(
     edit = await world.agent_edit("ABA-4", "b")
     await _crash_before_state(world, monkeypatch, edit)
     assert await world.fo_description("ABA-4") == "b"
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(2.1)  # clearly later than the intent: the clocks may be a second apart
     await world.fo.update(FO_SET, {"LevelPhrase": "ABA-4"}, {"LevelDescription": "a"})
     put_back = ChangeEvent(template=LEVELS, side="fo", operation="update", key={"LevelPhrase": "ABA-4"},
                            modified_on=utc_seconds(), wire_format="fo-data-event", changed=["LevelDescription"])
