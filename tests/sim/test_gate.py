@@ -6,10 +6,11 @@ late and duplicated webhooks, throttling storms, outages and lost answers (devki
 Every run is deterministic: a failure here fails the same way on every machine and every re-run,
 and `make sim SEEDS=<s>-<s> OPS=<n>` replays and shrinks it.
 
-Asserted for every seed, as docs/consistency.md states them: C1 both sides end equal, C4 nothing
-created twice, C5 no ping-pong, C6 nothing parked or stuck, no exception escapes, every webhook is
-accepted. C2 (what is deleted stays deleted) and C3 (which edit wins) are checked by the same judge and
-reported here; they are not asserted yet (docs/simulation.md says which histories still break them).
+Asserted for every seed, as docs/consistency.md states them: C1 both sides end equal, C2 what is
+deleted stays deleted (and what is created stays), C4 nothing created twice, C5 no ping-pong, C6 nothing
+parked or stuck, no exception escapes, every webhook is accepted. C3 (which edit wins) is checked by the
+same judge and reported here, and may not grow: `C3_AT_MOST` is what these seeds show at this version,
+lowered with every fix (docs/simulation.md says which histories still break it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from devkit.sim.run import Config, simulate
 
 SEEDS = range(1, 101)
 OPERATIONS = 400  # planned per seed
-GATED = ("C1", "C4", "C5", "C6")
+GATED = ("C1", "C2", "C4", "C5", "C6")
+C3_AT_MOST = 40  # lines (a field on both sides counts twice); measured at this version, never raised
 
 
 def _play(seed: int) -> tuple[int, int, list[str]]:
@@ -31,7 +33,7 @@ def _play(seed: int) -> tuple[int, int, list[str]]:
     return seed, result.operations, result.findings
 
 
-def test_every_seeded_history_converges_with_nothing_duplicated_ping_ponged_or_parked() -> None:
+def test_every_seeded_history_converges_with_nothing_resurrected_duplicated_ping_ponged_or_parked() -> None:
     os.environ["PYTHONHASHSEED"] = "0"  # spawned workers iterate sets as `make sim` does
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
@@ -42,4 +44,5 @@ def test_every_seeded_history_converges_with_nothing_duplicated_ping_ponged_or_p
     gated = [f"seed {seed}: {finding}" for seed, _, findings in played for finding in findings
              if finding.split(" ", 1)[0] in GATED]
     assert gated == []
+    assert rules["C3"] <= C3_AT_MOST, "a change made more histories end with the earlier edit winning"
     assert operations > 100 * OPERATIONS // 2  # most planned operations land
