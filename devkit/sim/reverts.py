@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from typing import Any
 
 from devkit.sim import host, run
 from devkit.sim.cli import seed_range
 from devkit.sim.run import Config, simulate
-from loyaltysync import decide, sync
+from loyaltysync import decide, intent, sync
 
 _BASE = run._settings()
 
@@ -45,6 +46,13 @@ REVERTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "whole-record wait without the queue lease": lambda: _patched(
         run, "_settings", lambda: _BASE.model_copy(update={"queue_lease_seconds": 0})),
     "re-created Dataverse row kept the old agreed values": lambda: _patched(sync, "_made_anew", lambda *a: False),
+    "T9 the sync's own F&O business event dates F&O's record": lambda: _patched(
+        sync, "_own_fo_write", lambda *a: False),
+    "E1 an event in the intent's own second counts as after it": lambda: _patched(
+        intent, "_CLOCKS_APART", timedelta(seconds=-1)),
+    "P6 a late payload decides a write back to its own side": lambda: _patched(sync, "_touches", lambda *a: False),
+    "W0 a re-check never waits for an interrupted step's event": lambda: _patched(
+        sync, "_older_than", lambda *a: True),
     # Behind tests/chaos/test_regressions.py and docs/consistency.md's rule list.
     "T2 the sync's own F&O echo dates F&O's fields": lambda: _patched(
         sync, "_change_time", lambda event, fo, record: event.at),

@@ -272,3 +272,17 @@ def test_one_seed_replays_the_same_history_byte_for_byte() -> None:
     people = [w for w in first.history if w.actor == "person"]
     assert first.operations == len(people) > 60  # most planned operations land; refused ones are not in it
     assert len(first.history) > 1.5 * len(people)  # and the sync copied them
+
+
+def test_each_revert_of_the_experiment_changes_its_rule_and_puts_it_back() -> None:
+    from devkit.sim import reverts
+    from loyaltysync import intent, sync
+
+    modules = (sync, intent, reverts.host, reverts.run)
+    before = {(m.__name__, n): getattr(m, n) for m in modules for n in dir(m) if not n.startswith("__")}
+    for name, revert in reverts.REVERTS.items():
+        with revert():
+            now = {(m.__name__, n): getattr(m, n) for m in modules for n in dir(m) if not n.startswith("__")}
+            assert now != before, f"{name} changes nothing"
+        after = {(m.__name__, n): getattr(m, n) for m in modules for n in dir(m) if not n.startswith("__")}
+        assert after == before, f"{name} is not put back"
