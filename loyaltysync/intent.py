@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from loyaltysync.decide import Agreed, Canonical, Decision, SideRecord
 from loyaltysync.mapping import parse_datetime
 from loyaltysync.templates import SIDES, Side, other_side
 
-_CLOCKS_APART = timedelta(seconds=1)  # a service's clock and an instance's, each within a second of true time
+_CLOCKS_APART = timedelta(seconds=2)  # a service's clock and an instance's, each within a second of true time
 
 Kind = Literal["write", "create", "delete"]
 
@@ -172,6 +172,7 @@ class Evidence:
     live: bool = True
     integration_users: frozenset[str] = frozenset()
     waited_out: bool = True
+    own_fo_write: tuple[str, str] | None = None  # the sync's last recorded F&O write: (started, ended), ISO
 
     def record(self, side: Side) -> SideRecord:
         return self.fo if side == "fo" else self.dataverse
@@ -323,10 +324,24 @@ def _after_intent(intent: Intent, evidence: Evidence, operation: str) -> Side | 
         made = at = None
     if made is None or at is None:
         return event.side if operation == "delete" else None
-    # Clearly later only: the service's clock and the step's may be a second apart, and the event of the
-    # sync's own delete just before the intent (the simulator found one dated in the intent's second) is
-    # no proof of anything. A person's change within that second is as close as G allows either way.
-    return event.side if made > at + _CLOCKS_APART else None
+    if event.side == "fo" and _own_fo_write(made, evidence.own_fo_write):
+        # F&O's events name no user: the event of the sync's own last F&O write (a delete just before the
+        # intent, in the same second: the simulator found one) proves nothing about the intent.
+        return None
+    return event.side if made >= at.replace(microsecond=0) else None
+
+
+def _own_fo_write(made: datetime, window: tuple[str, str] | None) -> bool:
+    """Whether an F&O event made at `made` falls within the sync's last F&O write, give or take the clocks."""
+    if window is None:
+        return False
+    try:
+        started, ended = parse_datetime(window[0]), parse_datetime(window[1])
+    except ValueError:
+        return False
+    if started is None or ended is None:
+        return False
+    return started - _CLOCKS_APART <= made <= ended + _CLOCKS_APART
 
 
 def _deleted_since(intent: Intent, evidence: Evidence) -> Side | None:

@@ -297,6 +297,7 @@ class Engine:
             live=live,
             integration_users=self.integration_users,
             waited_out=_older_than(record.intent.at if record and record.intent else None, self.events_held_s),
+            own_fo_write=(record.fo_written.started, record.fo_written.ended) if record and record.fo_written else None,
         )
         dv_read = payload is None or event.side != "dataverse"
         return _Gathered(template, event, key, key_text, record, changed_at, dv_read, evidence, payload is not None)
@@ -623,11 +624,13 @@ def _next_state(gathered: _Gathered, decision: Decision, record: SyncRecord | No
         written_since_read = False
     modified, field_times = _times_seen(gathered, record)
     fo_written = record.fo_written if record else None
+    started = record.intent.at if record and record.intent and record.intent.at else utc_now()
     if "fo" in decision.writes and decision.exists_after:
-        started = record.intent.at if record and record.intent and record.intent.at else utc_now()
         after = {**(gathered.fo.values or {}), **decision.writes["fo"]}
         differs = {name: value for name, value in after.items() if decision.agreed.get(name, value) != value}
         fo_written = FoWrite(started, utc_now(), differs)
+    elif decision.delete == "fo":
+        fo_written = FoWrite(started, utc_now())  # its event must not pass for a person's (intent._after_intent)
     return SyncRecord(
         template=gathered.template.name,
         key=gathered.key_text,

@@ -26,8 +26,7 @@ from loyaltysync.intent import (
 from loyaltysync.templates import Side
 
 AT = "2025-01-01T10:00:00.250000Z"
-# Whole seconds, as F&O's events; the clocks may be a second apart, so "after" is clearly after.
-BEFORE, SAME, AFTER = "2025-01-01T09:59:59Z", "2025-01-01T10:00:00Z", "2025-01-01T10:00:02Z"
+BEFORE, SAME, AFTER = "2025-01-01T09:59:59Z", "2025-01-01T10:00:00Z", "2025-01-01T10:00:02Z"  # whole seconds
 SYNC_USER, AGENT = "sync-user", "agent-user"
 
 
@@ -37,9 +36,9 @@ def row(version: str | None = "10", row_id: str | None = "row-1", created_by: st
 
 
 def evidence(fo: SideRecord, dv: SideRecord, event: EventFacts | None = None, *, live: bool = True,
-             ours: bool = False, recheck: bool = False) -> Evidence:
+             ours: bool = False, recheck: bool = False, own_fo_write: tuple[str, str] | None = None) -> Evidence:
     return Evidence(fo=fo, dataverse=dv, event=event or EventFacts("fo", "update"), ours=ours, recheck=recheck,
-                    live=live, integration_users=frozenset({SYNC_USER}))
+                    live=live, integration_users=frozenset({SYNC_USER}), own_fo_write=own_fo_write)
 
 
 def intent(side: Side, wanted: SideIntent) -> Intent:
@@ -83,16 +82,26 @@ def test_a_create_missing_now_waits_for_its_delete_event_which_proves_it_landed(
     assert settle(NO_STATE, creating, evidence(row(), MISSING, deleted_after)) == Agreed(values={}, exists=True)
     deleted_before = EventFacts("dataverse", "delete", at=BEFORE)  # a late delete: proves nothing
     assert isinstance(judge(creating, "dataverse", evidence(row(), MISSING, deleted_before)), Wait)
-    # Nor one dated in the intent's own second: the event of the sync's own delete just before the intent
-    # was one (the simulator found it deleting the record a person had just created again).
+    # One dated in the intent's own second is later (whole seconds): a person deleted what the step created.
     deleted_then = EventFacts("dataverse", "delete", at=SAME)
-    assert isinstance(judge(creating, "dataverse", evidence(row(), MISSING, deleted_then)), Wait)
+    assert judge(creating, "dataverse", evidence(row(), MISSING, deleted_then)) == Superseded()
     assert judge(creating, "dataverse", evidence(MISSING, MISSING)) == NotLanded()  # gone on both: nothing to wait
     recheck = evidence(row(), MISSING, EventFacts("dataverse", "delete"), live=False, recheck=True)
     assert judge(creating, "dataverse", recheck) == NotLanded()  # a re-check takes "never happened"
     # ... once the delete cannot be held back any longer (a crashed instance's lease); before, it waits.
     young = replace(recheck, waited_out=False)
     assert isinstance(judge(creating, "dataverse", young), Wait)
+
+
+def test_the_event_of_the_syncs_own_fo_delete_proves_nothing_about_a_later_create() -> None:
+    # F&O's events name no user: the event of the sync's own F&O delete, in the same second as a later intent to
+    # create the record again, "proved" that create landed and was deleted (the simulator found it deleting
+    # the record a person had just created again in Dataverse).
+    creating = intent("fo", SideIntent("create", {"LevelDescription": "new"}))
+    echo = EventFacts("fo", "delete", at=SAME)
+    own_delete = ("2025-01-01T09:59:59.500000Z", "2025-01-01T09:59:59.900000Z")
+    assert isinstance(judge(creating, "fo", evidence(MISSING, row(), echo, own_fo_write=own_delete)), Wait)
+    assert judge(creating, "fo", evidence(MISSING, row(), echo)) == Superseded()  # a person's delete
 
 
 def test_who_created_the_dataverse_row_tells_whose_record_it_is() -> None:
