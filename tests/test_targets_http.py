@@ -343,16 +343,21 @@ async def loopback_server(app: Starlette) -> AsyncIterator[str]:
         await task
 
 
-async def test_slow_answers_time_out_are_retried_then_raise() -> None:
-    seen = 0
+def slow_app(seconds: float) -> tuple[Starlette, list[Request]]:
+    """An app that answers OK after `seconds` and records the requests."""
+    seen: list[Request] = []
 
     async def slow(request: Request) -> Response:
-        nonlocal seen
-        seen += 1
-        await asyncio.sleep(0.6)
+        seen.append(request)
+        await asyncio.sleep(seconds)
         return OK
 
-    async with loopback_server(app_of(slow)) as base:
+    return app_of(slow), seen
+
+
+async def test_slow_answers_time_out_are_retried_then_raise() -> None:
+    app, seen = slow_app(0.6)
+    async with loopback_server(app) as base:
         http = TargetHttp(
             "fno",
             base,
@@ -364,7 +369,7 @@ async def test_slow_answers_time_out_are_retried_then_raise() -> None:
         with pytest.raises(TargetError) as caught:
             await http.request("GET", "Rows")
         await http.aclose()
-    assert seen == 2
+    assert len(seen) == 2
     assert caught.value.status == 0
     assert caught.value.code == "ReadTimeout"
     assert caught.value.transient
@@ -526,15 +531,8 @@ async def test_a_spent_budget_sends_nothing() -> None:
 
 
 async def test_a_request_is_cut_off_where_the_budget_ends() -> None:
-    seen = 0
-
-    async def slow(request: Request) -> Response:
-        nonlocal seen
-        seen += 1
-        await asyncio.sleep(2)
-        return OK
-
-    async with loopback_server(app_of(slow)) as base:
+    app, seen = slow_app(2)
+    async with loopback_server(app) as base:
         http = TargetHttp("fno", base, BearerToken(StaticTokenCredential(TOKEN), "s"), timeout=30, sleep=Sleeps(),
                           retry=RetryPolicy(max_attempts=3))
         with host_limits.invocation_deadline(0.6):
@@ -542,5 +540,5 @@ async def test_a_request_is_cut_off_where_the_budget_ends() -> None:
                 await http.request("GET", "Rows")
         await http.aclose()
     # One attempt cut off at the budget's end (not at the client's 30 s), then nothing more is sent.
-    assert seen == 1
+    assert len(seen) == 1
     assert caught.value.code == "ReadTimeout"
